@@ -1,0 +1,296 @@
+"""Hugging Face checkpoint directories: config.json and (sharded) safetensors or pytorch_model.bin.
+
+Our parameter names are Hugging Face's, so reading and writing only maps config.json to ModelConfig.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+
+from danlu.checkpoints.errors import CheckpointError
+from danlu.models.config import ConfigError, ModelConfig
+from danlu.utils.atomic import atomic_directory
+from danlu.utils.progress import progress
+
+ARCHITECTURE_BY_HF_CLASS = {
+    "LlamaForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "MistralForCausalLM": "mistral",
+}
+HF_CLASS_BY_ARCHITECTURE = {v: k for k, v in ARCHITECTURE_BY_HF_CLASS.items()}
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
+
+
+# ---------------------------------------------------------------- config.json <-> ModelConfig
+
+def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
+    architectures = hf.get("architectures") or []
+    hf_class = architectures[0] if architectures else None
+    if hf_class not in ARCHITECTURE_BY_HF_CLASS:
+        by_type = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+        hf_class = by_type.get(hf.get("model_type"), hf_class)
+    if hf_class not in ARCHITECTURE_BY_HF_CLASS:
+        raise CheckpointError(
+            f"{source}: unsupported architecture {architectures or hf.get('model_type')!r}; danlu reads "
+            f"{', '.join(ARCHITECTURE_BY_HF_CLASS)}")
+    arch = ARCHITECTURE_BY_HF_CLASS[hf_class]
+    rope = dict(hf.get("rope_parameters") or {})
+    legacy_scaling = hf.get("rope_scaling") or {}
+    rope.update({k: v for k, v in legacy_scaling.items() if k not in rope})
+    if "type" in rope and "rope_type" not in rope:
+        rope["rope_type"] = rope.pop("type")
+    rope.pop("type", None)
+    theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    rope_scaling = rope if rope.get("rope_type", "default") != "default" else None
+    attention_bias = bool(hf.get("attention_bias", False))
+    sliding_window = hf.get("sliding_window") if arch == "mistral" else None
+    if arch == "qwen2" and hf.get("use_sliding_window"):
+        if hf.get("max_window_layers", 0) not in (0,):
+            raise CheckpointError(
+                f"{source}: Qwen2 sliding window on only some layers (max_window_layers="
+                f"{hf.get('max_window_layers')}) is not supported; set use_sliding_window false")
+        sliding_window = hf.get("sliding_window")
+    required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+    missing = [k for k in required if k not in hf]
+    if missing:
+        raise CheckpointError(f"{source}: missing field(s) {missing}")
+    try:
+        return ModelConfig(
+            architecture=arch,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=hf["num_attention_heads"],
+            num_key_value_heads=hf.get("num_key_value_heads"),
+            head_dim=hf.get("head_dim"),
+            intermediate_size=hf["intermediate_size"],
+            norm="rmsnorm",
+            norm_eps=hf.get("rms_norm_eps", 1e-6),
+            mlp="swiglu",
+            qkv_bias=True if arch == "qwen2" else attention_bias,
+            o_bias=attention_bias if arch == "llama" else False,
+            mlp_bias=bool(hf.get("mlp_bias", False)) if arch == "llama" else False,
+            rope_theta=float(theta),
+            rope_scaling=rope_scaling,
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            sliding_window=sliding_window,
+            max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"),
+            pad_token_id=hf.get("pad_token_id"),
+            name=hf.get("_name_or_path", ""),
+        )
+    except ConfigError as e:
+        raise CheckpointError(f"{source}: {e}") from e
+    except KeyError as e:
+        raise CheckpointError(f"{source}: missing field {e}") from e
+
+
+def config_to_hf(config: ModelConfig, dtype: torch.dtype) -> dict:
+    arch = config.architecture
+    problems = _unrepresentable(config)
+    if problems:
+        raise CheckpointError(
+            f"this model cannot be written as a Hugging Face {HF_CLASS_BY_ARCHITECTURE.get(arch, arch)}: "
+            + "; ".join(problems))
+    rope_parameters = {"rope_theta": config.rope_theta, "rope_type": "default", **(config.rope_scaling or {})}
+    hf = {
+        "architectures": [HF_CLASS_BY_ARCHITECTURE[arch]],
+        "model_type": arch,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.max_position_embeddings,
+        "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": config.rope_scaling,
+        "rope_parameters": rope_parameters,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
+        "pad_token_id": config.pad_token_id,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        "dtype": str(dtype).removeprefix("torch."),
+        "use_cache": True,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+    }
+    if arch == "llama":
+        hf.update(attention_bias=config.qkv_bias, mlp_bias=config.mlp_bias, pretraining_tp=1)
+    elif arch == "qwen2":
+        window = config.sliding_window
+        hf.update(use_sliding_window=window is not None, sliding_window=window,
+                  max_window_layers=0 if window is not None else config.num_hidden_layers)
+    elif arch == "mistral":
+        hf.update(sliding_window=config.sliding_window)
+    return hf
+
+
+def _unrepresentable(config: ModelConfig) -> list[str]:
+    arch = config.architecture
+    if arch not in HF_CLASS_BY_ARCHITECTURE:
+        return [f"architecture {arch!r} has no Hugging Face class (use one of {list(HF_CLASS_BY_ARCHITECTURE)})"]
+    problems = []
+    if config.norm != "rmsnorm":
+        problems.append(f"norm={config.norm!r} (needs 'rmsnorm')")
+    if config.mlp != "swiglu":
+        problems.append(f"mlp={config.mlp!r} (needs 'swiglu')")
+    if arch == "llama":
+        if config.qkv_bias != config.o_bias:
+            problems.append("Llama has one attention_bias for q, k, v and o: qkv_bias must equal o_bias")
+        if config.sliding_window is not None:
+            problems.append("Llama has no sliding window")
+    if arch == "qwen2" and (not config.qkv_bias or config.o_bias or config.mlp_bias):
+        problems.append("Qwen2 has bias on q, k, v only")
+    if arch == "mistral" and (config.qkv_bias or config.o_bias or config.mlp_bias):
+        problems.append("Mistral has no biases")
+    return problems
+
+
+def read_hf_config(directory: Path) -> ModelConfig:
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found; a Hugging Face model directory needs config.json")
+    try:
+        hf = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+    return config_from_hf(hf, str(path))
+
+
+# ---------------------------------------------------------------- weights
+
+def weight_files(directory: Path) -> list[Path]:
+    """The weight files of a checkpoint directory, from its index when sharded."""
+    directory = Path(directory)
+    for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
+        index_path = directory / index_name
+        if index_path.is_file():
+            try:
+                weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index_path}: not a valid index (needs a 'weight_map'): {e}") from e
+            files = [directory / name for name in dict.fromkeys(weight_map.values())]
+            absent = [str(f) for f in files if not f.is_file()]
+            if absent:
+                raise CheckpointError(f"{index_path} lists shard(s) that are missing: {', '.join(absent)}")
+            return files
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (directory / name).is_file():
+            return [directory / name]
+    raise CheckpointError(
+        f"{directory}: no weights found (looked for {SAFETENSORS_INDEX}, {BIN_INDEX}, model.safetensors, "
+        f"pytorch_model.bin)")
+
+
+def iter_tensors(files: Iterable[Path]):
+    """Yield (file, name, tensor) from safetensors or weights-only torch files."""
+    from safetensors import SafetensorError
+    from safetensors.torch import safe_open
+
+    for path in files:
+        if path.suffix == ".safetensors":
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    for name in f.keys():
+                        yield path, name, f.get_tensor(name)
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"{path}: cannot read safetensors file (truncated or corrupt?): {e}") from e
+        else:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # torch raises several types for truncated zip archives
+                raise CheckpointError(f"{path}: cannot read torch weights file (truncated or corrupt?): {e}") from e
+            for name, tensor in state.items():
+                yield path, name, tensor
+
+
+def load_hf_state_dict(directory: Path, expected: dict[str, torch.Size], dtype: torch.dtype,
+                       show_progress: bool = False) -> dict[str, torch.Tensor]:
+    """Read every expected tensor, checking names and shapes against the model's."""
+    files = weight_files(directory)
+    state: dict[str, torch.Tensor] = {}
+    bar = progress(total=len(expected), desc="Loading weights", disable=not show_progress)
+    for path, name, tensor in iter_tensors(files):
+        if name not in expected:
+            if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and "lm_head.weight" not in expected):
+                continue
+            raise CheckpointError(f"{path}: unexpected tensor {name!r} (not part of this model's architecture)")
+        if tuple(tensor.shape) != tuple(expected[name]):
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(expected[name])}")
+        state[name] = tensor.to(dtype)
+        bar.update(1)
+    bar.close()
+    missing = [n for n in expected if n not in state]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"{directory}: missing tensor(s) {shown} (searched {', '.join(map(str, files))})")
+    return state
+
+
+def save_hf_checkpoint(state: dict[str, torch.Tensor], config: ModelConfig, out_dir: Path,
+                       dtype: torch.dtype, max_shard_bytes: int = 2 * 1024**3, tokenizer=None,
+                       generation_config: Optional[dict] = None, show_progress: bool = False) -> Path:
+    """Write config.json, (sharded) safetensors with index, tokenizer and generation_config.json.
+
+    The directory appears only when complete: it is written beside the target and renamed into place.
+    """
+    from safetensors.torch import save_file
+
+    hf_config = config_to_hf(config, dtype)  # raises before anything is written
+    state = {k: v for k, v in state.items() if not (config.tie_word_embeddings and k == "lm_head.weight")}
+    shards = _plan_shards(state, dtype, max_shard_bytes)
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir) as tmp:
+        bar = progress(total=len(state), desc="Writing weights", disable=not show_progress)
+        weight_map = {}
+        for i, names in enumerate(shards):
+            file_name = "model.safetensors" if len(shards) == 1 else \
+                f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            tensors = {n: state[n].detach().to(dtype).contiguous() for n in names}
+            save_file(tensors, str(tmp / file_name), metadata={"format": "pt"})
+            weight_map.update({n: file_name for n in names})
+            bar.update(len(names))
+        bar.close()
+        if len(shards) > 1:
+            total = sum(state[n].numel() * dtype.itemsize for n in state)
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2), encoding="utf-8")
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2), encoding="utf-8")
+        gen = generation_config or {}
+        gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+               "pad_token_id": config.pad_token_id, **gen}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2), encoding="utf-8")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+    return out_dir
+
+
+def _plan_shards(state: dict[str, torch.Tensor], dtype: torch.dtype, max_shard_bytes: int) -> list[list[str]]:
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * dtype.itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def is_hf_directory(path: Path) -> bool:
+    return Path(path).is_dir() and (Path(path) / "config.json").is_file()
+

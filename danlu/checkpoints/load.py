@@ -1,0 +1,154 @@
+"""Turn whatever the user names (a preset, a GGUF file, a Hugging Face directory or hub id) into a model."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from danlu.checkpoints import gguf as gguf_format
+from danlu.checkpoints import hf as hf_format
+from danlu.checkpoints.bundled import danlu_home, ensure_bundled_model
+from danlu.checkpoints.errors import CheckpointError
+from danlu.models.config import ModelConfig
+from danlu.models.presets import PRESETS, get_preset
+from danlu.models.transformer import Transformer, build_meta_model
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+HUBS = ("huggingface", "modelscope")
+
+
+@dataclass
+class Pretrained:
+    """A loaded model with its tokenizer (None for a bare preset) and where it came from."""
+    model: Transformer
+    tokenizer: Any
+    config: ModelConfig
+    source: str
+    generation_defaults: dict = field(default_factory=dict)
+
+
+def parse_dtype(dtype: str | torch.dtype | None, device: torch.device | str = "cpu") -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        # CPUs are fast and exact in float32; on a GPU bf16 (or fp16 where bf16 is missing) halves memory.
+        if torch.device(device).type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(set(DTYPES))} or 'auto'")
+    return DTYPES[dtype]
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, torch.Size]:
+    meta = build_meta_model(config)
+    shapes = {name: t.shape for name, t in meta.state_dict().items()}
+    if config.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
+def model_from_state_dict(config: ModelConfig, state: dict[str, torch.Tensor], device) -> Transformer:
+    model = build_meta_model(config)
+    if config.tie_word_embeddings:
+        state = {**state, "lm_head.weight": state["model.embed_tokens.weight"]}
+    model.load_state_dict(state, strict=True, assign=True)
+    model.tie_weights()
+    return model.to(device).eval()
+
+
+def resolve_source(name: str | os.PathLike | None, hub: str | None = None) -> Path | str:
+    """A preset name is returned as is; anything else becomes a local path (downloading hub ids)."""
+    if name is None:
+        return ensure_bundled_model()
+    text = str(name)
+    if text.lower() in PRESETS:
+        return text.lower()
+    path = Path(text).expanduser()
+    if path.exists():
+        return path
+    if text.startswith((".", "/", "~")) or text.endswith(".gguf") or text.count("/") != 1:
+        raise CheckpointError(
+            f"{text}: no such file or directory, and not a preset "
+            f"(presets: {', '.join(sorted(PRESETS))}) nor a hub id of the form owner/name")
+    return download_from_hub(text, hub or os.environ.get("DANLU_HUB", "huggingface"))
+
+
+def download_from_hub(repo_id: str, hub: str) -> Path:
+    if hub not in HUBS:
+        raise ValueError(f"unknown hub {hub!r}; choose one of {HUBS}")
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+    try:
+        if hub == "modelscope":
+            from modelscope import snapshot_download as ms_snapshot  # optional dependency
+
+            return Path(ms_snapshot(repo_id, allow_patterns=patterns))
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except ImportError as e:
+        raise CheckpointError(f"{repo_id}: the {hub} client is not installed (pip install {hub})") from e
+    except Exception as e:
+        raise CheckpointError(
+            f"{repo_id}: not a local path, and it could not be fetched from {hub} ({type(e).__name__}: {e}). "
+            f"Offline, download the model elsewhere and pass its local directory with --model PATH "
+            f"(a directory with config.json and *.safetensors, or a .gguf file)") from e
+
+
+def load_pretrained(name: str | os.PathLike | None = None, dtype: str | torch.dtype | None = "auto",
+                    device: str | torch.device | None = None, hub: str | None = None,
+                    show_progress: bool = False, seed: int = 0) -> Pretrained:
+    """Load a model and its tokenizer. No name means the bundled SmolLM2-135M-Instruct."""
+    device = torch.device(device or default_device())
+    dtype = parse_dtype(dtype, device)
+    source = resolve_source(name, hub)
+    if isinstance(source, str):  # a preset: random weights, no tokenizer
+        config = get_preset(source)
+        torch.manual_seed(seed)
+        model = Transformer(config).to(device=device, dtype=dtype).eval()
+        return Pretrained(model, None, config, source)
+    if source.is_file():
+        return _load_gguf(source, dtype, device, show_progress)
+    return _load_hf(source, dtype, device, show_progress)
+
+
+def _load_gguf(path: Path, dtype, device, show_progress) -> Pretrained:
+    reader = gguf_format.open_gguf(path)
+    config = gguf_format.gguf_config(reader, str(path))
+    state = gguf_format.gguf_state_dict(reader, config, expected_shapes(config), dtype, str(path), show_progress)
+    model = model_from_state_dict(config, state, device)
+    tokenizer = gguf_format.gguf_tokenizer(path, danlu_home() / "tokenizers")
+    return Pretrained(model, tokenizer, config, str(path))
+
+
+def _load_hf(directory: Path, dtype, device, show_progress) -> Pretrained:
+    import json
+
+    config = hf_format.read_hf_config(directory)
+    state = hf_format.load_hf_state_dict(directory, expected_shapes(config), dtype, show_progress)
+    model = model_from_state_dict(config, state, device)
+    tokenizer = load_tokenizer_if_present(directory)
+    generation_defaults = {}
+    gen_path = directory / "generation_config.json"
+    if gen_path.is_file():
+        try:
+            generation_defaults = json.loads(gen_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{gen_path}: invalid JSON at line {e.lineno}: {e.msg}") from e
+    return Pretrained(model, tokenizer, config, str(directory), generation_defaults)
+
+
+def load_tokenizer_if_present(directory: Path) -> Optional[Any]:
+    if not any((directory / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(directory))

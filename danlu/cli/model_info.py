@@ -1,0 +1,84 @@
+"""`danlu model-info PRESET_OR_PATH`: architecture, parameter counts and memory, without loading weights."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from danlu.models.config import ModelConfig
+from danlu.models.presets import PRESETS, get_preset
+from danlu.models.transformer import build_meta_model, count_parameters
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "int4": 0.5}
+
+
+def add_parser(sub, name):
+    parser = sub.add_parser(name, help="describe a model: architecture, parameters, memory (no weights loaded)")
+    parser.add_argument("model", nargs="?", default=None, help="preset, .gguf file or Hugging Face directory")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.set_defaults(run=run)
+
+
+def read_config(name) -> ModelConfig:
+    from danlu.checkpoints import gguf, hf
+    from danlu.checkpoints.load import resolve_source
+
+    source = resolve_source(name)
+    if isinstance(source, str):
+        return get_preset(source)
+    if Path(source).is_file():
+        return gguf.gguf_config(gguf.open_gguf(source), str(source))
+    return hf.read_hf_config(source)
+
+
+def describe(config: ModelConfig) -> dict:
+    model = build_meta_model(config)
+    total = count_parameters(model)
+    embedding = config.vocab_size * config.hidden_size
+    per_layer = count_parameters(model.model.layers[0])
+    kv_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
+    return {
+        "name": config.name,
+        "config": config.to_dict(),
+        "parameters": total,
+        "parameters_per_layer": per_layer,
+        "embedding_parameters": embedding,
+        "non_embedding_parameters": total - embedding * (1 if config.tie_word_embeddings else 2),
+        "weights_bytes": {d: int(total * b) for d, b in DTYPE_BYTES.items()},
+        "kv_cache_bytes_per_token": {d: int(kv_per_token * b) for d, b in DTYPE_BYTES.items() if b >= 1},
+    }
+
+
+def _gib(n: float) -> str:
+    return f"{n / 1024**3:.2f} GiB" if n >= 1024**3 else f"{n / 1024**2:.1f} MiB"
+
+
+def run(args) -> int:
+    info = describe(read_config(args.model))
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    c = info["config"]
+    attention = "MHA" if c["num_key_value_heads"] == c["num_attention_heads"] else \
+        ("MQA" if c["num_key_value_heads"] == 1 else "GQA")
+    rows = [
+        ("name", c["name"] or "-"), ("architecture", c["architecture"]),
+        ("layers", c["num_hidden_layers"]), ("hidden size", c["hidden_size"]),
+        ("attention", f"{attention}: {c['num_attention_heads']} heads, {c['num_key_value_heads']} KV heads, "
+                      f"head dim {c['head_dim']}"),
+        ("intermediate size", c["intermediate_size"]), ("mlp", c["mlp"]),
+        ("norm", f"{c['norm']} (eps {c['norm_eps']})"), ("vocab", c["vocab_size"]),
+        ("context", c["max_position_embeddings"]),
+        ("rope", f"theta {c['rope_theta']:g}" + (f", scaling {c['rope_scaling']}" if c["rope_scaling"] else "")),
+        ("qkv bias", c["qkv_bias"]), ("tied embeddings", c["tie_word_embeddings"]),
+        ("sliding window", c["sliding_window"] or "-"),
+        ("parameters", info["parameters"]),
+        ("non-embedding parameters", info["non_embedding_parameters"]),
+    ]
+    for dtype, n in info["weights_bytes"].items():
+        rows.append((f"weights in {dtype}", _gib(n)))
+    for dtype, n in info["kv_cache_bytes_per_token"].items():
+        rows.append((f"KV cache per token ({dtype})", f"{n:,} bytes"))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0

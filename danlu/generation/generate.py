@@ -1,0 +1,176 @@
+"""Batched generation with a KV cache: prompts of different lengths are left-padded and decoded together.
+
+`decode_steps` is the loop; `generate` collects whole answers, `stream` yields text as it is decoded.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+
+from danlu.generation.kv_cache import KVCache
+from danlu.generation.sampling import GenerationConfig, next_tokens
+from danlu.generation.text import IncrementalDecoder, find_stop
+
+
+@dataclass
+class Completion:
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+
+
+@dataclass
+class Step:
+    row: int
+    token: int
+    finish_reason: Optional[str]  # set on the row's last step
+
+
+class ContextOverflow(ValueError):
+    """A prompt does not fit in the model's context window."""
+
+
+def decode_steps(model, prompts: Sequence[Sequence[int]], config: GenerationConfig, eos_ids: Sequence[int],
+                 pad_id: int = 0, should_stop: Optional[Callable[[int, list[int]], bool]] = None
+                 ) -> Iterator[list[Step]]:
+    """Yield, per decoding step, the token chosen for every row still running.
+
+    A row ends on an EOS token, when `should_stop(row, generated_ids)` says so, or at max_new_tokens;
+    finished rows leave the batch (their cache rows are dropped) so the rest run faster.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    device = next(model.parameters()).device
+    context = model.config.max_position_embeddings
+    longest = max(len(p) for p in prompts)
+    if longest >= context:
+        raise ContextOverflow(f"prompt of {longest} tokens does not fit the context of {context} tokens "
+                              f"(over by {longest - context + 1})")
+    max_new = min(config.max_new_tokens, context - longest)
+    batch = len(prompts)
+    input_ids = torch.full((batch, longest), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((batch, longest + max_new), dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        input_ids[i, longest - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        mask[i, longest - len(p):longest] = 1
+    padded = any(len(p) != longest for p in prompts)
+    cache = KVCache(model.config, batch, longest + max_new, next(model.parameters()).dtype, device)
+    generator = None
+    if config.seed is not None and not config.greedy:
+        generator = torch.Generator(device=device).manual_seed(config.seed)
+    seen = None
+    if config.repetition_penalty != 1.0:
+        seen = torch.zeros((batch, model.config.vocab_size), dtype=torch.bool, device=device)
+        for i, p in enumerate(prompts):
+            seen[i, list(p)] = True
+    eos = torch.tensor(list(eos_ids) or [-1], device=device)
+    rows = list(range(batch))  # original index of each live batch row
+    generated: list[list[int]] = [[] for _ in prompts]
+    with torch.inference_mode():
+        logits = model(input_ids, attention_mask=mask[:, :longest] if padded else None, kv_cache=cache,
+                       last_only=True)[:, -1]
+        for step in range(max_new):
+            tokens = next_tokens(logits, config, seen, generator)
+            steps, keep = [], []
+            is_eos = torch.isin(tokens, eos).tolist()
+            for j, (row, token) in enumerate(zip(rows, tokens.tolist())):
+                generated[row].append(token)
+                reason = None
+                if is_eos[j] or (should_stop is not None and should_stop(row, generated[row])):
+                    reason = "stop"
+                elif step == max_new - 1:
+                    reason = "length"
+                steps.append(Step(row, token, reason))
+                if reason is None:
+                    keep.append(j)
+            yield steps
+            if not keep:
+                return
+            if len(keep) < len(rows):
+                index = torch.tensor(keep, device=device)
+                cache.select_rows(index)
+                mask, tokens = mask[index], tokens[index]
+                seen = seen[index] if seen is not None else None
+                rows = [rows[j] for j in keep]
+            if seen is not None:
+                seen[torch.arange(len(rows), device=device), tokens] = True
+            length = cache.length + 1
+            mask[:, length - 1] = 1
+            logits = model(tokens[:, None], attention_mask=mask[:, :length] if padded else None,
+                           kv_cache=cache)[:, -1]
+
+
+def generate(model, tokenizer, prompts: Sequence[Sequence[int]], config: GenerationConfig,
+             eos_ids: Optional[Sequence[int]] = None, batch_size: Optional[int] = None) -> list[Completion]:
+    """Complete token-id prompts; answers stop at EOS, at a stop string (cut off), or at max_new_tokens."""
+    eos_ids = model.config.eos_token_ids if eos_ids is None else list(eos_ids)
+    batch_size = batch_size or len(prompts)
+    results: list[Completion] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        results.extend(_generate_batch(model, tokenizer, chunk, config, eos_ids))
+    return results
+
+
+def _generate_batch(model, tokenizer, prompts, config, eos_ids) -> list[Completion]:
+    tokens: list[list[int]] = [[] for _ in prompts]
+    reasons: list[str] = ["length"] * len(prompts)
+
+    def stop_string_seen(row: int, ids: list[int]) -> bool:
+        return find_stop(tokenizer.decode(ids[-32:], skip_special_tokens=True), config.stop) is not None
+
+    should_stop = stop_string_seen if config.stop else None
+    pad_id = pad_token_id(tokenizer, model.config)
+    for steps in decode_steps(model, prompts, config, eos_ids, pad_id, should_stop):
+        for s in steps:
+            if s.token not in eos_ids:
+                tokens[s.row].append(s.token)
+            if s.finish_reason:
+                reasons[s.row] = s.finish_reason
+    completions = []
+    for prompt, ids, reason in zip(prompts, tokens, reasons):
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        cut = find_stop(text, config.stop)
+        if cut is not None:
+            text, reason = text[:cut], "stop"
+        completions.append(Completion(list(prompt), ids, text, reason))
+    return completions
+
+
+def stream(model, tokenizer, prompt: Sequence[int], config: GenerationConfig,
+           eos_ids: Optional[Sequence[int]] = None, finish: Optional[dict] = None) -> Iterator[str]:
+    """Yield the answer's text piece by piece: never half a character, never part of a stop string.
+
+    When `finish` is given, its "reason" and "tokens" keys are filled in when the stream ends.
+    """
+    eos_ids = model.config.eos_token_ids if eos_ids is None else list(eos_ids)
+    decoder = IncrementalDecoder(tokenizer, config.stop)
+    reason = "length"
+    count = 0
+    for steps in decode_steps(model, [prompt], config, eos_ids, pad_token_id(tokenizer, model.config),
+                              lambda _row, _ids: decoder.stopped):
+        step = steps[0]
+        count += 1
+        if step.token not in eos_ids:
+            piece = decoder.add(step.token)
+            if piece:
+                yield piece
+        if step.finish_reason:
+            reason = step.finish_reason
+    if decoder.stopped:
+        reason = "stop"
+    tail = decoder.flush()
+    if tail:
+        yield tail
+    if finish is not None:
+        finish.update(reason=reason, tokens=count)
+
+
+def pad_token_id(tokenizer, config) -> int:
+    for candidate in (getattr(tokenizer, "pad_token_id", None), config.pad_token_id, *config.eos_token_ids):
+        if isinstance(candidate, int):
+            return candidate
+    return 0

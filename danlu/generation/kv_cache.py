@@ -1,0 +1,33 @@
+"""A preallocated key/value cache: one [batch, kv_heads, capacity, head_dim] pair per layer."""
+from __future__ import annotations
+
+import torch
+
+from danlu.models.config import ModelConfig
+
+
+class KVCache:
+    def __init__(self, config: ModelConfig, batch_size: int, capacity: int, dtype: torch.dtype,
+                 device: torch.device | str):
+        shape = (batch_size, config.num_key_value_heads, capacity, config.head_dim)
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.capacity = capacity
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store this step's keys/values for a layer and return all keys/values so far."""
+        end = self.length + k.shape[2]
+        if end > self.capacity:
+            raise ValueError(f"KV cache holds {self.capacity} positions; {end} were asked for")
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def advance(self, steps: int) -> None:
+        self.length += steps
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only the given batch rows (finished sequences leave the batch)."""
+        self.keys = [k.index_select(0, rows) for k in self.keys]
+        self.values = [v.index_select(0, rows) for v in self.values]

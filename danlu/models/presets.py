@@ -1,0 +1,86 @@
+"""Named configurations with the published sizes of the families danlu covers."""
+from __future__ import annotations
+
+import difflib
+
+from danlu.models.config import ModelConfig
+
+
+def _qwen2(**kw) -> ModelConfig:
+    defaults = dict(architecture="qwen2", qkv_bias=True, norm_eps=1e-6, rope_theta=1_000_000.0,
+                    vocab_size=151936, max_position_embeddings=131072,
+                    bos_token_id=151643, eos_token_id=151643)
+    return ModelConfig(**{**defaults, **kw})
+
+
+def _llama2(**kw) -> ModelConfig:
+    defaults = dict(architecture="llama", norm_eps=1e-5, rope_theta=10000.0, vocab_size=32000,
+                    max_position_embeddings=4096, bos_token_id=1, eos_token_id=2)
+    return ModelConfig(**{**defaults, **kw})
+
+
+def _smollm2(**kw) -> ModelConfig:
+    defaults = dict(architecture="llama", norm_eps=1e-5, rope_theta=100000.0, vocab_size=49152,
+                    max_position_embeddings=8192, tie_word_embeddings=True,
+                    bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    return ModelConfig(**{**defaults, **kw})
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "qwen2-0.5b": _qwen2(name="qwen2-0.5b", num_hidden_layers=24, hidden_size=896, num_attention_heads=14,
+                         num_key_value_heads=2, intermediate_size=4864, tie_word_embeddings=True),
+    "qwen2-1.5b": _qwen2(name="qwen2-1.5b", num_hidden_layers=28, hidden_size=1536, num_attention_heads=12,
+                         num_key_value_heads=2, intermediate_size=8960, tie_word_embeddings=True),
+    "qwen2-7b": _qwen2(name="qwen2-7b", num_hidden_layers=28, hidden_size=3584, num_attention_heads=28,
+                       num_key_value_heads=4, intermediate_size=18944, vocab_size=152064),
+    "qwen2-72b": _qwen2(name="qwen2-72b", num_hidden_layers=80, hidden_size=8192, num_attention_heads=64,
+                        num_key_value_heads=8, intermediate_size=29568, vocab_size=152064),
+    "qwen1.5-7b": _qwen2(name="qwen1.5-7b", num_hidden_layers=32, hidden_size=4096, num_attention_heads=32,
+                         num_key_value_heads=32, intermediate_size=11008, vocab_size=151936,
+                         max_position_embeddings=32768),
+    "llama-2-7b": _llama2(name="llama-2-7b", num_hidden_layers=32, hidden_size=4096, num_attention_heads=32,
+                          intermediate_size=11008),
+    "llama-2-13b": _llama2(name="llama-2-13b", num_hidden_layers=40, hidden_size=5120, num_attention_heads=40,
+                           intermediate_size=13824),
+    "llama-2-70b": _llama2(name="llama-2-70b", num_hidden_layers=80, hidden_size=8192, num_attention_heads=64,
+                           num_key_value_heads=8, intermediate_size=28672),
+    "llama-3-8b": ModelConfig(name="llama-3-8b", architecture="llama", num_hidden_layers=32, hidden_size=4096,
+                              num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336,
+                              vocab_size=128256, norm_eps=1e-5, rope_theta=500000.0,
+                              max_position_embeddings=8192, bos_token_id=128000, eos_token_id=128001),
+    "mistral-7b": ModelConfig(name="mistral-7b", architecture="mistral", num_hidden_layers=32, hidden_size=4096,
+                              num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336,
+                              vocab_size=32000, norm_eps=1e-5, rope_theta=10000.0, sliding_window=4096,
+                              max_position_embeddings=32768, bos_token_id=1, eos_token_id=2),
+    "smollm2-135m": _smollm2(name="smollm2-135m", num_hidden_layers=30, hidden_size=576, num_attention_heads=9,
+                             num_key_value_heads=3, intermediate_size=1536),
+    "smollm2-360m": _smollm2(name="smollm2-360m", num_hidden_layers=32, hidden_size=960, num_attention_heads=15,
+                             num_key_value_heads=5, intermediate_size=2560),
+    "smollm2-1.7b": _smollm2(name="smollm2-1.7b", num_hidden_layers=24, hidden_size=2048, num_attention_heads=32,
+                             num_key_value_heads=32, intermediate_size=8192, rope_theta=130000.0),
+    # Tiny random-weight configs for fast tests; one per family switch set.
+    "tiny-llama": ModelConfig(name="tiny-llama", architecture="llama", num_hidden_layers=2, hidden_size=64,
+                              num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                              vocab_size=256, max_position_embeddings=256, norm_eps=1e-5,
+                              bos_token_id=1, eos_token_id=2),
+    "tiny-qwen2": _qwen2(name="tiny-qwen2", num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=128, vocab_size=256,
+                         max_position_embeddings=256, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2),
+    "tiny-mistral": ModelConfig(name="tiny-mistral", architecture="mistral", num_hidden_layers=2, hidden_size=64,
+                                num_attention_heads=4, num_key_value_heads=1, intermediate_size=128,
+                                vocab_size=256, max_position_embeddings=256, sliding_window=8, norm_eps=1e-5,
+                                bos_token_id=1, eos_token_id=2),
+}
+
+
+def preset_names() -> list[str]:
+    return sorted(PRESETS)
+
+
+def get_preset(name: str) -> ModelConfig:
+    key = name.lower()
+    if key not in PRESETS:
+        close = difflib.get_close_matches(key, PRESETS, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise KeyError(f"unknown preset {name!r}.{hint} Known presets: {', '.join(preset_names())}")
+    return PRESETS[key].replace()
