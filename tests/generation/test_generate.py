@@ -1,0 +1,128 @@
+"""Generation on tiny models: batching, stop conditions, streaming text, context limits."""
+import pytest
+import torch
+
+from danlu.generation.generate import ContextOverflow, decode_steps, generate, stream
+from danlu.generation.sampling import GenerationConfig
+from danlu.generation.text import IncrementalDecoder, find_stop
+from danlu.models.presets import get_preset
+from danlu.models.transformer import Transformer
+
+
+class ByteTokenizer:
+    """Token i is byte i: enough to exercise multi-byte UTF-8 decoding without a vocabulary file."""
+    pad_token_id = 0
+
+    def decode(self, ids, skip_special_tokens=True):
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+class LetterTokenizer:
+    """Token i is one ASCII letter: every piece of text is whole."""
+    pad_token_id = 0
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(97 + i % 26) for i in ids)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return Transformer(get_preset("tiny-llama")).eval()
+
+
+PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [20]]
+
+
+def test_batched_greedy_equals_one_by_one(tiny):
+    config = GenerationConfig(max_new_tokens=12, temperature=0)
+    batched = generate(tiny, ByteTokenizer(), PROMPTS, config, eos_ids=[])
+    alone = [generate(tiny, ByteTokenizer(), [p], config, eos_ids=[])[0] for p in PROMPTS]
+    assert [c.token_ids for c in batched] == [c.token_ids for c in alone]
+    assert all(len(c.token_ids) == 12 and c.finish_reason == "length" for c in batched)
+
+
+def test_greedy_equals_argmax_of_full_forward(tiny):
+    ids = list(PROMPTS[1])
+    expected = []
+    with torch.no_grad():
+        for _ in range(6):
+            token = tiny(torch.tensor([ids + expected]))[0, -1].argmax().item()
+            expected.append(token)
+    got = generate(tiny, ByteTokenizer(), [ids], GenerationConfig(max_new_tokens=6, temperature=0), eos_ids=[])
+    assert got[0].token_ids == expected
+
+
+def test_eos_ends_a_row_and_others_continue(tiny):
+    config = GenerationConfig(max_new_tokens=8, temperature=0)
+    free = generate(tiny, ByteTokenizer(), PROMPTS, config, eos_ids=[])
+    eos = free[0].token_ids[2]  # make row 0's third token its end
+    ended = generate(tiny, ByteTokenizer(), PROMPTS, config, eos_ids=[eos])
+    assert ended[0].finish_reason == "stop" and ended[0].token_ids == free[0].token_ids[:2]
+    for before, after in zip(free[1:], ended[1:]):
+        cut = before.token_ids.index(eos) if eos in before.token_ids else len(before.token_ids)
+        assert after.token_ids == before.token_ids[:cut]
+
+
+def test_seeded_sampling_is_reproducible(tiny):
+    config = GenerationConfig(max_new_tokens=10, temperature=1.0, top_k=0, top_p=1.0, seed=11)
+    first = generate(tiny, ByteTokenizer(), PROMPTS, config, eos_ids=[])
+    again = generate(tiny, ByteTokenizer(), PROMPTS, config, eos_ids=[])
+    other = generate(tiny, ByteTokenizer(), PROMPTS, config.updated(seed=12), eos_ids=[])
+    assert [c.token_ids for c in first] == [c.token_ids for c in again]
+    assert [c.token_ids for c in first] != [c.token_ids for c in other]
+
+
+def test_stop_string_cuts_text(tiny):
+    config = GenerationConfig(max_new_tokens=10, temperature=0)
+    free = generate(tiny, LetterTokenizer(), [PROMPTS[1]], config, eos_ids=[])[0]
+    stop = free.text[3:5]
+    stopped = generate(tiny, LetterTokenizer(), [PROMPTS[1]], config.updated(stop=[stop]), eos_ids=[])[0]
+    assert stopped.text == free.text[:free.text.index(stop)] and stopped.finish_reason == "stop"
+
+
+def test_prompt_longer_than_context_is_refused(tiny):
+    too_long = [5] * tiny.config.max_position_embeddings
+    with pytest.raises(ContextOverflow, match="over by 1"):
+        next(decode_steps(tiny, [too_long], GenerationConfig(), eos_ids=[]))
+
+
+def test_new_tokens_are_capped_by_the_context(tiny):
+    prompt = [5] * (tiny.config.max_position_embeddings - 3)
+    out = generate(tiny, ByteTokenizer(), [prompt], GenerationConfig(max_new_tokens=50, temperature=0), eos_ids=[])
+    assert len(out[0].token_ids) == 3 and out[0].finish_reason == "length"
+
+
+def test_empty_prompt_is_refused(tiny):
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(tiny, ByteTokenizer(), [[]], GenerationConfig(), eos_ids=[])
+
+
+def test_incremental_decoder_never_splits_a_character():
+    text = "héllo 世界 ok"
+    decoder = IncrementalDecoder(ByteTokenizer())
+    pieces = [decoder.add(b) for b in text.encode("utf-8")] + [decoder.flush()]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_incremental_decoder_holds_back_a_possible_stop_string():
+    decoder = IncrementalDecoder(ByteTokenizer(), stops=["<END>"])
+    pieces = [decoder.add(b) for b in "abc<EN".encode()]
+    assert "".join(pieces) == "abc"  # "<EN" might start "<END>"
+    assert decoder.add(ord("D")) == "" and decoder.add(ord(">")) == "" and decoder.stopped
+    decoder = IncrementalDecoder(ByteTokenizer(), stops=["<END>"])
+    assert "".join(decoder.add(b) for b in "a<Ex".encode()) == "a<Ex"
+
+
+def test_find_stop_returns_earliest():
+    assert find_stop("abc###def<|x|>", ["<|x|>", "###"]) == 3
+    assert find_stop("abc", ["z"]) is None
+
+
+def test_stream_yields_the_same_text_as_generate(tiny):
+    config = GenerationConfig(max_new_tokens=12, temperature=0)
+    whole = generate(tiny, ByteTokenizer(), [PROMPTS[0]], config, eos_ids=[])[0].text
+    finish = {}
+    assert "".join(stream(tiny, ByteTokenizer(), PROMPTS[0], config, eos_ids=[], finish=finish)) == whole
+    assert finish == {"reason": "length", "tokens": 12}

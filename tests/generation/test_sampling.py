@@ -1,0 +1,52 @@
+"""Sampling processors against transformers' own, and the validation of settings."""
+import pytest
+import torch
+from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TopKLogitsWarper,
+                                                    TopPLogitsWarper)
+
+from danlu.generation.sampling import (GenerationConfig, apply_repetition_penalty, filter_top_k, filter_top_p,
+                                       next_tokens)
+
+LOGITS = torch.randn(3, 50, generator=torch.Generator().manual_seed(0)) * 3
+
+
+def test_top_k_matches_transformers():
+    assert torch.equal(filter_top_k(LOGITS, 7), TopKLogitsWarper(7)(None, LOGITS.clone()))
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9, 0.99])
+def test_top_p_matches_transformers(p):
+    assert torch.equal(filter_top_p(LOGITS, p), TopPLogitsWarper(p)(None, LOGITS.clone()))
+
+
+def test_repetition_penalty_matches_transformers():
+    history = torch.tensor([[1, 5, 5, 9], [0, 2, 3, 4], [49, 48, 1, 1]])
+    seen = torch.zeros_like(LOGITS, dtype=torch.bool).scatter(1, history, True)
+    expected = RepetitionPenaltyLogitsProcessor(1.3)(history, LOGITS.clone())
+    assert torch.allclose(apply_repetition_penalty(LOGITS, seen, 1.3), expected)
+
+
+def test_greedy_is_argmax_and_seeded_sampling_repeats():
+    assert torch.equal(next_tokens(LOGITS, GenerationConfig(temperature=0), None, None), LOGITS.argmax(-1))
+    config = GenerationConfig(temperature=1.0, top_k=0, top_p=1.0)
+    draw = lambda seed: next_tokens(LOGITS, config, None, torch.Generator().manual_seed(seed))  # noqa: E731
+    assert torch.equal(draw(3), draw(3))
+    assert any(not torch.equal(draw(3), draw(s)) for s in range(4, 10))
+
+
+def test_top_k_one_is_greedy_even_when_sampling():
+    config = GenerationConfig(temperature=1.5, top_k=1, top_p=1.0)
+    assert torch.equal(next_tokens(LOGITS, config, None, torch.Generator().manual_seed(0)), LOGITS.argmax(-1))
+
+
+@pytest.mark.parametrize("field,value", [("max_new_tokens", 0), ("temperature", -1), ("top_p", 0.0),
+                                         ("top_p", 1.5), ("top_k", -2), ("repetition_penalty", 0),
+                                         ("stop", "###"), ("seed", "x")])
+def test_bad_settings_name_the_field(field, value):
+    with pytest.raises(ValueError, match=f"generation setting {field} must be"):
+        GenerationConfig(**{field: value})
+
+
+def test_updated_rejects_unknown_setting():
+    with pytest.raises(ValueError, match="unknown generation setting.*'nosuch'"):
+        GenerationConfig().updated(nosuch=1)
