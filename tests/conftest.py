@@ -61,8 +61,11 @@ def hf_real(real_gguf):
 
 
 @pytest.fixture(scope="session")
-def real_tokenizer(real_lm):
-    return real_lm.tokenizer
+def real_tokenizer(real_gguf):
+    from danlu.checkpoints.bundled import danlu_home
+    from danlu.checkpoints.gguf import gguf_tokenizer
+
+    return gguf_tokenizer(real_gguf, danlu_home() / "tokenizers")
 
 
 @pytest.fixture(scope="session")

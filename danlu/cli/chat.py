@@ -7,6 +7,7 @@ Ctrl-C stops the answer being written; Ctrl-D or :q leaves.
 from __future__ import annotations
 
 import ast
+import re
 import shutil
 import sys
 
@@ -29,6 +30,8 @@ Commands:
     :reset-conf             Reset generation config             重置生成配置"""
 COMMANDS = ["help", "h", "exit", "quit", "q", "clear", "cl", "clear-history", "clh", "history", "his",
             "seed", "conf", "reset-conf"]
+# In `:conf a=1 b=[1, 2]` a new pair starts only at a word of the form `key=`, so a value may hold spaces.
+_PAIR_START = re.compile(r"\s+(?=[A-Za-z_]\w*=)")
 
 
 def add_parser(sub, name):
@@ -66,11 +69,11 @@ class ChatSession:
             words = line[1:].split()
             command = words[0] if words else ""
             if command in COMMANDS:
-                return self.command(command, words[1:])
+                return self.command(command, words[1:], line[1:].lstrip()[len(command):].strip())
         self.answer(line)
         return True
 
-    def command(self, command: str, args: list[str]) -> bool:
+    def command(self, command: str, args: list[str], rest: str = "") -> bool:
         if command in ("exit", "quit", "q"):
             return False
         if command in ("help", "h"):
@@ -86,7 +89,7 @@ class ChatSession:
         elif command == "seed":
             self.set_seed(args)
         elif command == "conf":
-            self.change_config(args)
+            self.change_config(rest)
         elif command == "reset-conf":
             self.config = self.initial_config
             self.say("[INFO] Reset generation config")
@@ -117,18 +120,21 @@ class ChatSession:
             if key != "seed":
                 self.say(f"  {key} = {value!r}")
 
-    def change_config(self, args: list[str]) -> None:
-        if not args:
+    def change_config(self, text: str) -> None:
+        if not text.strip():
             self.show_config()
             return
-        for pair in args:
+        for pair in _PAIR_START.split(text.strip()):
             key, eq, text = pair.partition("=")
             if not eq:
                 self.say("[WARNING] format: <key>=<value>")
                 continue
+            if key == "seed":  # answers use the session's seed, so this is `:seed <N>`
+                self.set_seed([text])
+                continue
             try:
-                value = ast.literal_eval(text)
-            except (ValueError, SyntaxError):
+                value = ast.literal_eval(text)  # literals only: never runs code, whatever the text
+            except Exception:  # ValueError, SyntaxError, TypeError ({[1]: 2}), RecursionError, MemoryError
                 value = text  # a bare word is a string, e.g. stop=###
             if key == "stop" and isinstance(value, str):
                 value = [value]
@@ -182,6 +188,8 @@ def _setup_readline() -> None:
 
 
 def run(args) -> int:
+    from danlu.generation.generate import ContextOverflow
+
     config = sampling_config(args)
     lm = load_from_args(args)
     if lm.tokenizer is None:
@@ -205,5 +213,8 @@ def run(args) -> int:
         except UnicodeDecodeError:
             print("[ERROR] Encoding error in input")
             continue
-        if not session.handle(line):
-            return 0
+        try:
+            if not session.handle(line):
+                return 0
+        except ContextOverflow as e:  # a long paste or history: the session and its history stay
+            print(f"\n[ERROR] {e}; :clh clears the history")

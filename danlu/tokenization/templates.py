@@ -25,21 +25,21 @@ _DEFAULT = (
     "{%- for m in messages %}"
     "{%- if m['role'] == 'system' %}System: {{ m['content'] }}{{ eos_token }}\n"
     "{%- elif m['role'] == 'user' %}Human: {{ m['content'] }}{{ eos_token }}\nAssistant:"
-    "{%- else %}{{ m['content'] }}{{ eos_token }}\n{% endif %}{% endfor %}"
+    "{% else %}{{ m['content'] }}{{ eos_token }}\n{% endif %}{% endfor %}"
 )
 
 _ALPACA = (
     "{%- for m in messages %}"
     "{%- if m['role'] == 'system' %}{{ m['content'] }}"
     "{%- elif m['role'] == 'user' %}### Instruction:\n{{ m['content'] }}\n\n### Response:\n"
-    "{%- else %}{{ m['content'] }}{{ eos_token }}\n\n{% endif %}{% endfor %}"
+    "{% else %}{{ m['content'] }}{{ eos_token }}\n\n{% endif %}{% endfor %}"
 )
 
 _LLAMA2 = (
     "{%- set system = messages[0]['content'] if messages[0]['role'] == 'system' else '' %}"
     "{%- for m in messages if m['role'] != 'system' %}"
     "{%- if m['role'] == 'user' %}{{ bos_token }}[INST] "
-    "{%- if loop.first and system %}<<SYS>>\n{{ system }}\n<</SYS>>\n\n{% endif %}"
+    "{% if loop.first and system %}<<SYS>>\n{{ system }}\n<</SYS>>\n\n{% endif %}"
     "{{ m['content'] }} [/INST]"
     "{%- else %} {{ m['content'] }} {{ eos_token }}{% endif %}{% endfor %}"
 )
