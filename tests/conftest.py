@@ -65,7 +65,7 @@ def real_tokenizer(real_gguf):
     from danlu.checkpoints.bundled import danlu_home
     from danlu.checkpoints.gguf import gguf_tokenizer
 
-    return gguf_tokenizer(real_gguf, danlu_home() / "tokenizers")
+    return gguf_tokenizer(real_gguf, danlu_home() / "gguf-cache")
 
 
 @pytest.fixture(scope="session")

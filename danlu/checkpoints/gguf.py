@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from gguf import GGUFReader
 
 from danlu.checkpoints.errors import CheckpointError
 from danlu.models.config import ConfigError, ModelConfig
@@ -42,8 +43,6 @@ _BLOCK = re.compile(r"blk\.(\d+)\.(.+)")
 
 
 def open_gguf(path: Path):
-    from gguf import GGUFReader
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: GGUF file not found")
@@ -155,26 +154,30 @@ def gguf_state_dict(reader, config: ModelConfig, expected: dict[str, torch.Size]
     return state
 
 
-def gguf_tokenizer(path: Path, cache_dir: Path):
+def cache_dir_for(path: Path, cache_root: Path) -> Path:
+    """Where the conversion of one GGUF file is kept (keyed by name, size and modification time)."""
+    stat = Path(path).stat()
+    return Path(cache_root) / f"{Path(path).stem}-{stat.st_size}-{stat.st_mtime_ns}"
+
+
+def gguf_tokenizer(path: Path, cache_root: Path):
     """The GGUF's tokenizer and chat template as a transformers tokenizer.
 
-    transformers converts the GGUF vocabulary in several seconds; the result is saved once per file
-    (keyed by name, size and modification time) and read back from tokenizer.json afterwards.
+    transformers converts the GGUF vocabulary in several seconds; the result is saved in the file's
+    cache directory and read back from tokenizer.json afterwards.
     """
     from transformers import AutoTokenizer
 
     from danlu.utils.atomic import atomic_directory
 
-    path = Path(path)
-    stat = path.stat()
-    key = f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
-    cached = Path(cache_dir) / key
+    cached = cache_dir_for(path, cache_root)
     if (cached / "tokenizer_config.json").is_file():
         return AutoTokenizer.from_pretrained(str(cached))
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    try:
-        with atomic_directory(cached) as tmp:
-            tokenizer.save_pretrained(str(tmp))
-    except OSError:
-        pass  # a read-only cache only costs speed
+    tokenizer = AutoTokenizer.from_pretrained(str(Path(path).parent), gguf_file=Path(path).name)
+    if not cached.exists():
+        try:
+            with atomic_directory(cached) as tmp:
+                tokenizer.save_pretrained(str(tmp))
+        except OSError:
+            pass  # a read-only cache only costs speed
     return tokenizer

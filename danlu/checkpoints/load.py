@@ -15,6 +15,7 @@ from danlu.checkpoints.errors import CheckpointError
 from danlu.models.config import ModelConfig
 from danlu.models.presets import PRESETS, get_preset
 from danlu.models.transformer import Transformer, build_meta_model
+from danlu.utils.progress import logger
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -120,12 +121,35 @@ def load_pretrained(name: str | os.PathLike | None = None, dtype: str | torch.dt
     return _load_hf(source, dtype, device, show_progress)
 
 
+def gguf_cache_root() -> Optional[Path]:
+    """Converted GGUF files are kept here unless DANLU_GGUF_CACHE=0."""
+    if os.environ.get("DANLU_GGUF_CACHE", "1").lower() in ("0", "false", "no"):
+        return None
+    return danlu_home() / "gguf-cache"
+
+
 def _load_gguf(path: Path, dtype, device, show_progress) -> Pretrained:
+    """Dequantize a GGUF file; the float32 result is kept as a Hugging Face directory for the next load."""
+    cache_root = gguf_cache_root()
+    cached = gguf_format.cache_dir_for(path, cache_root) if cache_root else None
+    if cached is not None and (cached / "config.json").is_file():
+        try:
+            lm = _load_hf(cached, dtype, device, show_progress)
+            lm.source = str(path)
+            return lm
+        except CheckpointError as e:
+            logger.warning("ignoring the damaged cache %s (%s); converting %s again", cached, e, path)
     reader = gguf_format.open_gguf(path)
     config = gguf_format.gguf_config(reader, str(path))
-    state = gguf_format.gguf_state_dict(reader, config, expected_shapes(config), dtype, str(path), show_progress)
-    model = model_from_state_dict(config, state, device)
-    tokenizer = gguf_format.gguf_tokenizer(path, danlu_home() / "tokenizers")
+    state = gguf_format.gguf_state_dict(reader, config, expected_shapes(config), torch.float32, str(path),
+                                        show_progress)
+    tokenizer = gguf_format.gguf_tokenizer(path, cache_root or danlu_home() / "gguf-cache")
+    if cached is not None:
+        try:
+            hf_format.save_hf_checkpoint(state, config, cached, torch.float32, tokenizer=tokenizer)
+        except OSError as e:
+            logger.warning("could not cache the conversion of %s in %s: %s", path, cached, e)
+    model = model_from_state_dict(config, {k: v.to(dtype) for k, v in state.items()}, device)
     return Pretrained(model, tokenizer, config, str(path))
 
 

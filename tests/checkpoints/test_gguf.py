@@ -63,16 +63,43 @@ def tiny_gguf(tmp_path):
     return hf, write_tiny_gguf(tmp_path / "tiny.gguf", hf)
 
 
-def test_tiny_gguf_matches_original_model(tiny_gguf, monkeypatch, tmp_path):
+@pytest.fixture
+def no_vocabulary(monkeypatch):
     import danlu.checkpoints.load as load_module
 
+    monkeypatch.setattr(load_module.gguf_format, "gguf_tokenizer", lambda *a: None)  # the tiny GGUF has none
+
+
+def test_tiny_gguf_matches_original_model(tiny_gguf, no_vocabulary, monkeypatch):
+    monkeypatch.setenv("DANLU_GGUF_CACHE", "0")
     hf, path = tiny_gguf
-    monkeypatch.setattr(load_module.gguf_format, "gguf_tokenizer", lambda *a: None)  # no vocabulary in it
     lm = load_pretrained(path, dtype="float32")
     ids = torch.randint(3, 256, (1, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (lm.model(ids) - hf(ids).logits).abs().max().item() <= 1e-5
     assert lm.config.num_key_value_heads == 2 and not lm.config.tie_word_embeddings
+
+
+def test_conversion_is_cached_and_a_damaged_cache_is_redone(tiny_gguf, no_vocabulary, monkeypatch, tmp_path):
+    from danlu.checkpoints import gguf as gguf_format
+
+    monkeypatch.setenv("DANLU_HOME", str(tmp_path / "home"))
+    hf, path = tiny_gguf
+    ids = torch.randint(3, 256, (1, 10), generator=torch.Generator().manual_seed(0))
+    first = load_pretrained(path, dtype="float32")
+    cached = gguf_format.cache_dir_for(path, tmp_path / "home" / "gguf-cache")
+    assert (cached / "config.json").is_file() and (cached / "model.safetensors").is_file()
+    opened = []
+    monkeypatch.setattr(gguf_format, "open_gguf", lambda p: opened.append(p) or gguf_format.GGUFReader(str(p)))
+    second = load_pretrained(path, dtype="float32")
+    assert opened == [] and second.source == str(path)
+    with torch.no_grad():
+        assert torch.equal(first.model(ids), second.model(ids))
+    (cached / "model.safetensors").write_bytes(b"broken")
+    third = load_pretrained(path, dtype="float32")
+    assert len(opened) == 1 and (cached / "model.safetensors").stat().st_size > 100
+    with torch.no_grad():
+        assert torch.equal(first.model(ids), third.model(ids))
 
 
 def test_not_a_gguf_file(tmp_path):

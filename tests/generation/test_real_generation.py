@@ -52,3 +52,14 @@ def test_chat_answer_is_sensible(real_lm):
     pieces = list(danlu.chat(real_lm, "用一句话介绍一下你自己。", temperature=0, max_new_tokens=30,
                              stream_output=True))
     assert len(pieces) > 1 and all("\ufffd" not in p for p in pieces)
+
+
+def test_python_api_generate_plain_and_chat(real_lm):
+    import danlu
+
+    texts = danlu.generate(real_lm, ["The capital of France is", "1, 2, 3, 4,"], max_new_tokens=8, temperature=0)
+    assert len(texts) == 2 and "Paris" in texts[0] and "5" in texts[1]
+    one = danlu.complete(real_lm, "Name a colour.", chat=True, max_new_tokens=16, temperature=0)
+    assert one.finish_reason in ("stop", "length") and one.text and "<|im_end|>" not in one.text
+    with pytest.raises(ValueError, match="unknown generation setting"):
+        danlu.generate(real_lm, "x", temprature=0.5)
