@@ -16,6 +16,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     parser.add_argument("--hub", default=None, choices=["huggingface", "modelscope"],
                         help="where hub ids are downloaded from (default: $DANLU_HUB or huggingface)")
+    parser.add_argument("--adapter", "--adapter_name_or_path", dest="adapter", default=None,
+                        help="a LoRA adapter directory (PEFT format) used unmerged; comma-separated for several")
 
 
 def add_sampling_options(parser: argparse.ArgumentParser, defaults: GenerationConfig) -> None:
@@ -41,8 +43,17 @@ def sampling_config(args) -> GenerationConfig:
 def load_from_args(args, show_progress: bool = True):
     from danlu.checkpoints.load import load_pretrained
 
-    return load_pretrained(args.model, dtype=args.dtype, device=args.device, hub=args.hub,
-                           show_progress=show_progress)
+    lm = load_pretrained(args.model, dtype=args.dtype, device=args.device, hub=args.hub,
+                         show_progress=show_progress)
+    if getattr(args, "adapter", None):
+        from danlu.tuning.lora import load_adapter, merge_lora
+
+        adapters = [a.strip() for a in args.adapter.split(",") if a.strip()]
+        for i, adapter in enumerate(adapters):
+            if i:  # earlier adapters are folded in so the next one wraps plain linears
+                merge_lora(lm.model)
+            load_adapter(lm.model, adapter)
+    return lm
 
 
 def fail(message: str, code: int = 2) -> None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from danlu.cli import chat, convert, evaluate, fetch, generate, model_info
+from danlu.cli import chat, convert, evaluate, export, fetch, generate, model_info, train
 from danlu.utils.progress import configure_logging
 
 SUBCOMMANDS = {
+    "train": train,
+    "export": export,
     "chat": chat,
     "generate": generate,
     "eval": evaluate,
@@ -26,15 +28,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# These take LLaMA-Factory-style `[CONFIG.yaml] --key value ...` parsed by danlu.training.arguments.
+RAW_ARGUMENT_COMMANDS = ("train", "export")
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in RAW_ARGUMENT_COMMANDS:
+        args = argparse.Namespace(command=argv[0], verbose=False, argv=argv[1:], run=SUBCOMMANDS[argv[0]].run)
+    else:
+        args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
     from danlu.checkpoints.errors import CheckpointError
     from danlu.generation.generate import ContextOverflow
+    from danlu.training.loop import TrainingStopped
 
     try:
         return args.run(args) or 0
-    except (CheckpointError, ContextOverflow, ValueError, KeyError, FileNotFoundError) as e:
+    except (CheckpointError, ContextOverflow, TrainingStopped, ValueError, KeyError, FileNotFoundError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"danlu {args.command}: error: {message}", file=sys.stderr)
         return 2

@@ -1,0 +1,28 @@
+"""Batches for causal-LM training: right padding, labels -100 on padding, shifted inside the loss."""
+from __future__ import annotations
+
+import torch
+
+from danlu.data.supervised import IGNORE_INDEX, Tokenized
+
+
+def collate(examples: list[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:
+    longest = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), longest), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), longest), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        input_ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy of each position predicting the next label; and how many labels counted."""
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    shift_labels = labels[:, 1:].reshape(-1)
+    count = int((shift_labels != IGNORE_INDEX).sum())
+    loss = torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss / max(count, 1), count

@@ -1,0 +1,47 @@
+"""Build the training and validation sets named by `--dataset` from `--dataset_dir`."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from danlu.data.files import DataError, ReadReport, read_records
+from danlu.data.formats import find_spec, load_dataset_info, to_example
+from danlu.data.supervised import Tokenized, TokenizeReport, tokenize_example
+
+
+@dataclass
+class PreparedData:
+    train: list[Tokenized]
+    eval: list[Tokenized]
+    read: ReadReport = field(default_factory=ReadReport)
+    tokenized: TokenizeReport = field(default_factory=TokenizeReport)
+
+
+def prepare_sft_data(tokenizer, dataset_dir: str, names: list[str], template: Optional[str], cutoff_len: int,
+                     max_samples: Optional[int] = None, val_size: float = 0.0, seed: int = 42,
+                     train_on_prompt: bool = False, skip_bad_lines: bool = False) -> PreparedData:
+    specs = load_dataset_info(Path(dataset_dir))
+    read = ReadReport()
+    examples = []
+    for name in names:
+        spec = find_spec(specs, name, Path(dataset_dir))
+        records = read_records(Path(dataset_dir) / spec.file_name, skip_bad_lines, read)
+        if max_samples is not None:
+            records = records[:max_samples]
+        examples += [to_example(r, spec) for r in records]
+    tokenized = TokenizeReport()
+    data = [t for e in examples
+            if (t := tokenize_example(tokenizer, e, template, cutoff_len, train_on_prompt, tokenized)) is not None]
+    if not data:
+        raise DataError(f"no training examples left from {', '.join(names)} in {dataset_dir} "
+                        f"({len(examples)} read, {tokenized.dropped} dropped: nothing to learn within "
+                        f"cutoff_len={cutoff_len})")
+    random.Random(seed).shuffle(data)
+    n_eval = int(val_size) if val_size >= 1 else int(round(len(data) * val_size))
+    if val_size and n_eval == 0:
+        n_eval = 1
+    if n_eval >= len(data):
+        raise DataError(f"val_size={val_size} leaves no training examples out of {len(data)}")
+    return PreparedData(data[n_eval:], data[:n_eval], read, tokenized)

@@ -1,0 +1,63 @@
+"""SFT examples to token ids and labels: only the assistant's answers are trained (-100 elsewhere).
+
+The conversation is rendered with the same chat template chat and serving use (danlu.tokenization),
+so a model trained here answers the same way in `danlu chat`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from danlu.data.formats import Example
+from danlu.tokenization.chat import render_chat
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Tokenized:
+    input_ids: list[int]
+    labels: list[int]
+
+
+@dataclass
+class TokenizeReport:
+    truncated: int = 0
+    dropped: int = 0  # nothing left to learn after truncation
+
+
+def answer_spans(tokenizer, example: Example, template: Optional[str]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of each assistant answer (with its end marker)."""
+    text = render_chat(tokenizer, example.messages, template, example.system, add_generation_prompt=False)
+    spans = []
+    for i, message in enumerate(example.messages):
+        if message["role"] != "assistant":
+            continue
+        before = render_chat(tokenizer, example.messages[:i], template, example.system, add_generation_prompt=True)
+        through = render_chat(tokenizer, example.messages[:i + 1], template, example.system,
+                              add_generation_prompt=False)
+        if not text.startswith(through) or not through.startswith(before):
+            raise ValueError(f"{example.source}: the chat template does not render turns as a growing prefix, "
+                             f"so answers cannot be located; choose another --template")
+        spans.append((len(before), len(through)))
+    return text, spans
+
+
+def tokenize_example(tokenizer, example: Example, template: Optional[str], cutoff_len: int,
+                     train_on_prompt: bool = False, report: Optional[TokenizeReport] = None) -> Optional[Tokenized]:
+    text, spans = answer_spans(tokenizer, example, template)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+    labels = []
+    for token, (start, end) in zip(ids, offsets):
+        in_answer = any(s <= start < e for s, e in spans) and end > start
+        labels.append(token if (in_answer or train_on_prompt) else IGNORE_INDEX)
+    if len(ids) > cutoff_len:
+        ids, labels = ids[:cutoff_len], labels[:cutoff_len]
+        if report is not None:
+            report.truncated += 1
+    if all(label == IGNORE_INDEX for label in labels[1:]):
+        if report is not None:
+            report.dropped += 1
+        return None
+    return Tokenized(ids, labels)

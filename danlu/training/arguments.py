@@ -1,0 +1,243 @@
+"""`danlu train` arguments, with LLaMA-Factory's names and meanings so its commands run unchanged.
+
+A YAML file and `--key value` flags both fill one TrainArguments; flags override the file. Unknown keys
+and wrong values fail before any work starts, naming the key (and the close match).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+STAGES = ("sft", "pt")
+FINETUNING_TYPES = ("lora", "freeze", "full")
+SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
+OPTIMIZERS = ("adamw_torch", "adamw_hf", "sgd")
+STRATEGIES = ("no", "steps", "epoch")
+
+
+class ArgumentError(ValueError):
+    """A training argument is unknown or has a value it cannot take."""
+
+
+@dataclass
+class TrainArguments:
+    # model
+    model_name_or_path: Optional[str] = None  # None: the bundled SmolLM2-135M-Instruct
+    adapter_name_or_path: Optional[str] = None
+    template: Optional[str] = None
+    flash_attn: str = "auto"
+    # method
+    stage: str = "sft"
+    do_train: bool = True
+    finetuning_type: str = "lora"
+    lora_rank: int = 8
+    lora_alpha: Optional[float] = None  # None: 2 x lora_rank, as LLaMA-Factory
+    lora_dropout: float = 0.0
+    lora_target: str = "all"
+    additional_target: Optional[str] = None
+    freeze_trainable_layers: int = 2
+    freeze_trainable_modules: str = "all"
+    quantization_bit: Optional[int] = None
+    gradient_checkpointing: bool = False
+    # data
+    dataset: Optional[str] = None
+    eval_dataset: Optional[str] = None
+    dataset_dir: str = "data"
+    cutoff_len: int = 1024
+    max_samples: Optional[int] = None
+    val_size: float = 0.0
+    packing: Optional[bool] = None
+    train_on_prompt: bool = False
+    overwrite_cache: bool = False
+    preprocessing_num_workers: Optional[int] = None
+    skip_bad_lines: bool = False
+    # optimisation
+    learning_rate: float = 5e-5
+    num_train_epochs: float = 3.0
+    max_steps: int = -1
+    per_device_train_batch_size: int = 1
+    per_device_eval_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    lr_scheduler_type: str = "linear"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    optim: str = "adamw_torch"
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    sgd_momentum: float = 0.9
+    fp16: bool = False
+    bf16: bool = False
+    seed: int = 42
+    # evaluation, saving, logging
+    eval_strategy: str = "no"
+    evaluation_strategy: Optional[str] = None  # the older name of eval_strategy
+    eval_steps: Optional[int] = None
+    load_best_model_at_end: bool = False
+    output_dir: str = "saves/run"
+    overwrite_output_dir: bool = False
+    save_steps: int = 500
+    save_total_limit: Optional[int] = None
+    resume_from_checkpoint: Optional[str] = None
+    logging_steps: int = 10
+    report_to: str = "none"
+    plot_loss: bool = False
+    ddp_timeout: Optional[int] = None
+    include_num_input_tokens_seen: bool = False
+
+    def __post_init__(self) -> None:
+        if self.evaluation_strategy is not None:
+            self.eval_strategy = self.evaluation_strategy
+        if self.lora_alpha is None:
+            self.lora_alpha = 2.0 * self.lora_rank
+        if self.eval_steps is None:
+            self.eval_steps = self.save_steps
+        self.validate()
+
+    def validate(self) -> None:
+        _choice("stage", self.stage, STAGES)
+        _choice("finetuning_type", self.finetuning_type, FINETUNING_TYPES)
+        _choice("lr_scheduler_type", self.lr_scheduler_type, SCHEDULERS)
+        _choice("optim", self.optim, OPTIMIZERS)
+        _choice("eval_strategy", self.eval_strategy, STRATEGIES)
+        _choice("flash_attn", self.flash_attn, ("auto", "disabled", "sdpa", "fa2"))
+        _choice("report_to", self.report_to, ("none", "tensorboard", "all"))
+        if self.quantization_bit not in (None, 4, 8):
+            raise ArgumentError(f"quantization_bit must be 4 or 8 (or unset), got {self.quantization_bit}")
+        if self.quantization_bit is not None and self.finetuning_type != "lora":
+            raise ArgumentError("quantization_bit needs finetuning_type lora (QLoRA trains adapters on a "
+                                "quantized base)")
+        if not self.dataset and self.do_train:
+            raise ArgumentError("dataset is required: a name from dataset_info.json in dataset_dir "
+                                "(comma-separated for several)")
+        positive = ("cutoff_len", "per_device_train_batch_size", "per_device_eval_batch_size",
+                    "gradient_accumulation_steps", "lora_rank", "logging_steps", "save_steps", "eval_steps")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ArgumentError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.val_size < 1 and not (self.val_size >= 1 and float(self.val_size).is_integer()):
+            raise ArgumentError(f"val_size must be a fraction in [0, 1) or a whole number of examples, "
+                                f"got {self.val_size}")
+        if self.learning_rate <= 0:
+            raise ArgumentError(f"learning_rate must be positive, got {self.learning_rate}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ArgumentError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.fp16 and self.bf16:
+            raise ArgumentError("fp16 and bf16 are both set; choose one")
+        if self.load_best_model_at_end and self.eval_strategy == "no":
+            raise ArgumentError("load_best_model_at_end needs eval_strategy steps or epoch (and val_size > 0)")
+
+    @property
+    def lora_targets(self) -> list[str]:
+        return [t.strip() for t in self.lora_target.split(",") if t.strip()]
+
+    @property
+    def dataset_names(self) -> list[str]:
+        return [d.strip() for d in (self.dataset or "").split(",") if d.strip()]
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        close = difflib.get_close_matches(str(value), allowed, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ArgumentError(f"{name} must be one of {list(allowed)}, got {value!r}{hint}")
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _convert(key: str, raw: Any, kind: Any) -> Any:
+    optional = typing.get_origin(kind) is typing.Union and type(None) in typing.get_args(kind)
+    if optional:
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        if raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null", "")):
+            return None
+    try:
+        if kind is bool:
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("true", "1", "yes"):
+                return True
+            if text in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if kind is int:
+            if isinstance(raw, float) and not raw.is_integer():
+                raise ValueError
+            return int(float(raw)) if isinstance(raw, str) and "e" in raw.lower() else int(raw)
+        if kind is float:
+            return float(raw)
+        return str(raw)
+    except (TypeError, ValueError):
+        expected = {bool: "True or False", int: "an integer", float: "a number"}.get(kind, "a string")
+        raise ArgumentError(f"{key}: expected {expected}, got {raw!r}") from None
+
+
+def parse_train_arguments(argv: list[str]) -> TrainArguments:
+    return parse_arguments(argv, TrainArguments)
+
+
+def parse_arguments(argv: list[str], cls):
+    """`[CONFIG.yaml] [--key value | --key=value ...]` -> an arguments dataclass; flags override the file."""
+    values: dict[str, Any] = {}
+    args = list(argv)
+    if args and not args[0].startswith("--"):
+        values.update(read_yaml_config(args.pop(0)))
+    values.update(_parse_flags(args))
+    types = _field_types(cls)
+    unknown = [k for k in values if k not in types]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(key, types, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ArgumentError(f"unknown argument {key!r}{hint}")
+    converted = {k: _convert(k, v, types[k]) for k, v in values.items()}
+    return cls(**converted)
+
+
+def read_yaml_config(path: str) -> dict:
+    file = Path(path)
+    if not file.is_file():
+        raise ArgumentError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ArgumentError(f"{path}: invalid YAML{where}: {getattr(e, 'problem', e)}") from e
+    if not isinstance(data, dict):
+        raise ArgumentError(f"{path}: expected a mapping of key: value, got {type(data).__name__}")
+    return data
+
+
+def _parse_flags(args: list[str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        token = args[i]
+        if not token.startswith("--"):
+            raise ArgumentError(f"expected --key value, got {token!r}")
+        key, eq, value = token[2:].partition("=")
+        if not eq:
+            if i + 1 < len(args) and not args[i + 1].startswith("--"):
+                value = args[i + 1]
+                i += 1
+            else:
+                value = "true"  # a bare --flag means True
+        values[key.replace("-", "_")] = value
+        i += 1
+    return values

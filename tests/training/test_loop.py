@@ -1,0 +1,128 @@
+"""The training loop on a tiny model (with the real tokenizer and chat template)."""
+import json
+
+import pytest
+import torch
+
+from danlu.training.arguments import ArgumentError, TrainArguments
+from danlu.training.checkpoint import latest_checkpoint, list_checkpoints
+from danlu.training.loop import TrainingStopped, train
+
+pytestmark = pytest.mark.real  # the tiny model carries the real tokenizer
+
+
+def args_for(model_dir, out, **overrides):
+    values = dict(model_name_or_path=str(model_dir), dataset="identity,danlu_instruct", dataset_dir="data",
+                  finetuning_type="lora", lora_target="all", lora_rank=4, learning_rate=5e-3, max_steps=6,
+                  per_device_train_batch_size=4, gradient_accumulation_steps=2, logging_steps=1, save_steps=3,
+                  cutoff_len=128, output_dir=str(out), seed=7)
+    values.update(overrides)
+    return TrainArguments(**values)
+
+
+def log_losses(out):
+    return [r["loss"] for r in map(json.loads, (out / "trainer_log.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def test_loss_falls_and_outputs_are_written(tiny_chat_dir, tmp_path):
+    result = train(args_for(tiny_chat_dir, tmp_path / "run", max_steps=12, val_size=0.1, eval_strategy="steps",
+                            eval_steps=6, plot_loss=True))
+    assert result.state.global_step == 12
+    assert sum(result.train_losses[-3:]) / 3 < sum(result.train_losses[:3]) / 3
+    assert len(result.eval_losses) == 2 and all(l > 0 for l in result.eval_losses)
+    out = tmp_path / "run"
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "training_loss.png").is_file()
+    assert (out / "eval_loss.png").is_file() and (out / "adapter" / "tokenizer.json").is_file()
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+
+
+def interrupt_at_step(monkeypatch, step):
+    """Make the optimizer step number `step` raise KeyboardInterrupt, as Ctrl-C would."""
+    import danlu.training.loop as loop
+
+    real_clip = torch.nn.utils.clip_grad_norm_
+    calls = []
+
+    def clip(*a, **k):
+        calls.append(1)
+        if len(calls) == step:
+            raise KeyboardInterrupt
+        return real_clip(*a, **k)
+
+    monkeypatch.setattr(loop.torch.nn.utils, "clip_grad_norm_", clip)
+
+
+def test_resume_continues_the_same_loss_curve(tiny_chat_dir, tmp_path, monkeypatch):
+    train(args_for(tiny_chat_dir, tmp_path / "straight", lr_scheduler_type="cosine", warmup_steps=2))
+    straight = log_losses(tmp_path / "straight")
+    with monkeypatch.context() as patch:
+        interrupt_at_step(patch, 4)
+        with pytest.raises(KeyboardInterrupt):
+            train(args_for(tiny_chat_dir, tmp_path / "split", lr_scheduler_type="cosine", warmup_steps=2,
+                           save_steps=100))
+    assert latest_checkpoint(tmp_path / "split").name == "checkpoint-3"
+    train(args_for(tiny_chat_dir, tmp_path / "split", lr_scheduler_type="cosine", warmup_steps=2,
+                   resume_from_checkpoint="latest"))
+    resumed = log_losses(tmp_path / "split")
+    assert len(resumed) == len(straight) == 6
+    assert resumed == pytest.approx(straight, abs=1e-5)
+
+
+@pytest.mark.parametrize("finetuning_type,extra", [("full", {}), ("freeze", {"freeze_trainable_layers": 1})])
+def test_full_and_freeze(tiny_chat_dir, tmp_path, finetuning_type, extra):
+    result = train(args_for(tiny_chat_dir, tmp_path / finetuning_type, finetuning_type=finetuning_type,
+                            learning_rate=1e-3, **extra))
+    assert (tmp_path / finetuning_type / "model" / "config.json").is_file()
+    if finetuning_type == "freeze":
+        assert result.trainable_parameters < result.all_parameters / 2
+
+
+def test_output_dir_with_a_run_is_refused(tiny_chat_dir, tmp_path):
+    train(args_for(tiny_chat_dir, tmp_path / "run", max_steps=1))
+    with pytest.raises(ArgumentError, match="already holds a run.*overwrite_output_dir"):
+        train(args_for(tiny_chat_dir, tmp_path / "run", max_steps=1))
+    train(args_for(tiny_chat_dir, tmp_path / "run", max_steps=1, overwrite_output_dir=True))
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_chat_dir, tmp_path, monkeypatch):
+    import danlu.training.loop as loop
+
+    real_loss = loop.causal_lm_loss
+    calls = []
+
+    def loss_going_nan(logits, labels):
+        calls.append(1)
+        loss, n = real_loss(logits, labels)
+        return (loss * float("nan"), n) if len(calls) > 8 else (loss, n)  # from step 5 on (2 micro-batches/step)
+
+    monkeypatch.setattr(loop, "causal_lm_loss", loss_going_nan)
+    with pytest.raises(TrainingStopped, match="the loss became nan at step 5.*checkpoint-3"):
+        train(args_for(tiny_chat_dir, tmp_path / "run"))
+    assert [c.name for c in list_checkpoints(tmp_path / "run")] == ["checkpoint-3"]
+
+
+def test_ctrl_c_saves_a_checkpoint(tiny_chat_dir, tmp_path, monkeypatch):
+    interrupt_at_step(monkeypatch, 5)
+    with pytest.raises(KeyboardInterrupt):
+        train(args_for(tiny_chat_dir, tmp_path / "run", save_steps=100))
+    assert latest_checkpoint(tmp_path / "run").name == "checkpoint-4"
+
+
+def test_full_disk_while_saving_leaves_no_partial_checkpoint(tiny_chat_dir, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    real_save = safetensors.torch.save_file
+    saves = []
+
+    def disk_full_on_second(*a, **k):
+        saves.append(1)
+        if len(saves) == 2:
+            raise OSError(28, "No space left on device")
+        return real_save(*a, **k)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full_on_second)
+    with pytest.raises(OSError, match="No space left"):
+        train(args_for(tiny_chat_dir, tmp_path / "run"))
+    assert [c.name for c in list_checkpoints(tmp_path / "run")] == ["checkpoint-3"]
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith(".checkpoint")]
