@@ -45,7 +45,7 @@ def add_parser(sub, name):
 class ChatSession:
     """The state of one chat: history, seed and generation settings; `handle` takes each input line."""
 
-    def __init__(self, lm, config: GenerationConfig, template=None, system=None, out=sys.stdout):
+    def __init__(self, lm, config: GenerationConfig, template=None, system=None, out=None):
         self.lm = lm
         self.template = template
         self.system = system
@@ -53,7 +53,7 @@ class ChatSession:
         self.config = config
         self.seed = config.seed if config.seed is not None else 1234
         self.history: list[tuple[str, str]] = []
-        self.out = out
+        self.out = out if out is not None else sys.stdout
 
     def say(self, text: str = "", end: str = "\n") -> None:
         self.out.write(text + end)
