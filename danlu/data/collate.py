@@ -11,12 +11,18 @@ def collate(examples: list[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:
     input_ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), longest), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(examples), longest), dtype=torch.long)
+    packed = any(e.document_ids is not None for e in examples)
+    document_ids = torch.zeros((len(examples), longest), dtype=torch.long)
     for i, e in enumerate(examples):
         n = len(e.input_ids)
         input_ids[i, :n] = torch.tensor(e.input_ids)
         labels[i, :n] = torch.tensor(e.labels)
         mask[i, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+        document_ids[i, :n] = torch.tensor(e.document_ids) if e.document_ids is not None else 1
+    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+    if packed:
+        batch["document_ids"] = document_ids
+    return batch
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -18,6 +18,7 @@ IGNORE_INDEX = -100
 class Tokenized:
     input_ids: list[int]
     labels: list[int]
+    document_ids: Optional[list[int]] = None  # set on packed rows: which example each token belongs to
 
 
 @dataclass
@@ -61,3 +62,27 @@ def tokenize_example(tokenizer, example: Example, template: Optional[str], cutof
             report.dropped += 1
         return None
     return Tokenized(ids, labels)
+
+
+def pack_examples(examples: list[Tokenized], cutoff_len: int) -> list[Tokenized]:
+    """Put several examples in one row of at most cutoff_len tokens (first fit, longest first).
+
+    Each keeps its own document id, so attention and positions stay within it (see Transformer.forward).
+    """
+    rows: list[list[Tokenized]] = []
+    room: list[int] = []
+    for example in sorted(examples, key=lambda e: len(e.input_ids), reverse=True):
+        n = len(example.input_ids)
+        for i, free in enumerate(room):
+            if n <= free:
+                rows[i].append(example)
+                room[i] -= n
+                break
+        else:
+            rows.append([example])
+            room.append(cutoff_len - n)
+    packed = []
+    for row in rows:
+        packed.append(Tokenized([t for e in row for t in e.input_ids], [t for e in row for t in e.labels],
+                                [i + 1 for i, e in enumerate(row) for _ in e.input_ids]))
+    return packed

@@ -127,18 +127,25 @@ class Transformer(nn.Module):
         kv_cache=None,
         last_only: bool = False,
         return_hidden: bool = False,
+        document_ids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Logits [batch, seq, vocab] (or [batch, 1, vocab] with last_only).
 
         attention_mask [batch, past + seq] marks real tokens with 1 and padding with 0 (left padding).
+        document_ids [batch, seq] (training on packed rows): tokens attend only within their own document,
+        whose positions start again at 0; id 0 is padding.
         """
         batch, seq = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
+        if document_ids is not None:
+            position_ids = packed_position_ids(document_ids)
+            mask = packed_attention_mask(document_ids, self.config.sliding_window)
+        else:
+            mask = attention_bias_mask(attention_mask, past, seq, self.config.sliding_window, input_ids.device)
         if position_ids is None:
             position_ids = default_position_ids(attention_mask, past, seq, input_ids.device)
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(self.rope_inverse_frequencies(x.device), position_ids, x.dtype)
-        mask = attention_bias_mask(attention_mask, past, seq, self.config.sliding_window, x.device)
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, kv_cache)
         if kv_cache is not None:
@@ -180,6 +187,26 @@ def attention_bias_mask(attention_mask, past: int, seq: int, sliding_window, dev
         # A padding query would see no key at all (NaN in softmax); let it see itself.
         allowed = allowed | (query_idx == key_idx)[None, None]
     return allowed
+
+
+def packed_position_ids(document_ids: torch.Tensor) -> torch.Tensor:
+    batch, seq = document_ids.shape
+    index = torch.arange(seq, device=document_ids.device).expand(batch, seq)
+    previous = torch.nn.functional.pad(document_ids[:, :-1], (1, 0), value=-1)
+    start = torch.where(document_ids != previous, index, torch.zeros_like(index)).cummax(dim=-1).values
+    return index - start
+
+
+def packed_attention_mask(document_ids: torch.Tensor, sliding_window) -> torch.Tensor:
+    """[batch, 1, seq, seq]: causal, within one document, never onto padding (id 0)."""
+    seq = document_ids.shape[1]
+    index = torch.arange(seq, device=document_ids.device)
+    allowed = (index[None, :] <= index[:, None])[None]
+    if sliding_window is not None:
+        allowed = allowed & (index[:, None] - index[None, :] < sliding_window)[None]
+    same = document_ids[:, :, None] == document_ids[:, None, :]
+    allowed = allowed & same & (document_ids[:, None, :] != 0)
+    return (allowed | torch.eye(seq, dtype=torch.bool, device=document_ids.device)[None])[:, None]
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -15,7 +15,10 @@ from danlu.checkpoints.adapters import save_peft_adapter
 from danlu.checkpoints.hf import save_hf_checkpoint
 from danlu.checkpoints.load import Pretrained, load_pretrained
 from danlu.data.collate import causal_lm_loss, collate
+from danlu.checkpoints.bundled import danlu_home
 from danlu.data.dataset import PreparedData, prepare_sft_data
+from danlu.data.pretrain import prepare_pretrain_data
+from danlu.data.supervised import pack_examples
 from danlu.training.arguments import ArgumentError, TrainArguments
 from danlu.training.checkpoint import (TrainerState, latest_checkpoint, list_checkpoints, load_checkpoint,
                                        save_checkpoint)
@@ -23,6 +26,7 @@ from danlu.training.gradient_checkpointing import enable_gradient_checkpointing
 from danlu.training.logs import TrainingLog
 from danlu.training.schedule import build_scheduler, warmup_steps
 from danlu.tuning.freeze import apply_freeze
+from danlu.tuning.quantized import quantize_model
 from danlu.tuning.lora import LoRAConfig, apply_lora, base_state_dict, count_trainable, lora_state_dict
 from danlu.utils.progress import logger, progress
 
@@ -51,8 +55,7 @@ def train(args: TrainArguments) -> TrainResult:
     lm = load_pretrained(args.model_name_or_path, dtype="float32", device=device, show_progress=True)
     if lm.tokenizer is None:
         raise ArgumentError(f"{lm.source} has no tokenizer; training needs a checkpoint with one")
-    data = prepare_sft_data(lm.tokenizer, args.dataset_dir, args.dataset_names, args.template, args.cutoff_len,
-                            args.max_samples, args.val_size, args.seed, args.train_on_prompt, args.skip_bad_lines)
+    data = _prepare_data(lm.tokenizer, args)
     _report_data(data, args)
     model = lm.model
     trainable_names = _prepare_model(model, args)
@@ -94,7 +97,8 @@ def train(args: TrainArguments) -> TrainResult:
                                     pad_id)
                     batch = {k: v.to(device) for k, v in batch.items()}
                     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+                        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                                       document_ids=batch.get("document_ids"))
                     loss, _ = causal_lm_loss(logits, batch["labels"])
                     (loss / len(group)).backward()
                     step_loss += loss.item() / len(group)
@@ -187,6 +191,21 @@ def _resume_point(args: TrainArguments, output_dir: Path) -> Optional[Path]:
     return None
 
 
+def _prepare_data(tokenizer, args: TrainArguments) -> PreparedData:
+    if args.stage == "pt":
+        train_blocks, eval_blocks = prepare_pretrain_data(tokenizer, args.dataset_dir, args.dataset_names,
+                                                          args.cutoff_len, danlu_home() / "token-cache",
+                                                          args.val_size, args.max_samples)
+        return PreparedData(train_blocks, eval_blocks)
+    data = prepare_sft_data(tokenizer, args.dataset_dir, args.dataset_names, args.template, args.cutoff_len,
+                            args.max_samples, args.val_size, args.seed, args.train_on_prompt, args.skip_bad_lines)
+    if args.packing:
+        before = len(data.train)
+        data.train = pack_examples(data.train, args.cutoff_len)
+        logger.info("packing: %d examples in %d rows of at most %d tokens", before, len(data.train), args.cutoff_len)
+    return data
+
+
 def _autocast_dtype(args: TrainArguments, device: torch.device) -> Optional[torch.dtype]:
     if args.fp16:
         if device.type != "cuda":
@@ -218,8 +237,9 @@ def _report_data(data: PreparedData, args: TrainArguments) -> None:
 def _prepare_model(model, args: TrainArguments) -> list[str]:
     """Apply the finetuning type; returns the names of the parameters that train."""
     if args.finetuning_type == "lora":
-        if args.quantization_bit is not None:
-            raise ArgumentError("quantization_bit (QLoRA) is not available yet in danlu")
+        if args.quantization_bit is not None:  # QLoRA: frozen NF4 / int8 base weights under the adapters
+            quantized = quantize_model(model, args.quantization_bit)
+            logger.info("quantized %d linear layers to %d bits", len(quantized), args.quantization_bit)
         apply_lora(model, LoRAConfig(args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets))
         if args.additional_target:
             for name, p in model.named_parameters():
@@ -271,9 +291,11 @@ def evaluate_loss(model, examples, batch_size: int, pad_id: int, device, autocas
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], pad_id).items()}
+        chunk = [examples[i] for i in range(start, min(start + batch_size, len(examples)))]
+        batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+            logits = model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                           document_ids=batch.get("document_ids"))
         loss, n = causal_lm_loss(logits, batch["labels"])
         total += loss.item() * n
         count += n

@@ -59,3 +59,18 @@ def test_kv_cache_decoding_equals_full_forward(pair):
         for t in range(12, 20):
             steps.append(ours(ids[:, t:t + 1], kv_cache=cache))
     assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 1e-4
+
+
+def test_packed_documents_do_not_see_each_other(pair):
+    _, ours = pair
+    g = torch.Generator().manual_seed(4)
+    docs = [torch.randint(3, 256, (n,), generator=g) for n in (7, 5, 9)]
+    packed = torch.cat(docs + [torch.zeros(3, dtype=torch.long)])[None]
+    document_ids = torch.cat([torch.full((len(d),), i + 1) for i, d in enumerate(docs)] + [torch.zeros(3)]).long()[None]
+    with torch.no_grad():
+        together = ours(packed, document_ids=document_ids)
+        start = 0
+        for d in docs:
+            alone = ours(d[None])
+            assert (together[:, start:start + len(d)] - alone).abs().max().item() <= 1e-4
+            start += len(d)

@@ -126,3 +126,37 @@ def test_full_disk_while_saving_leaves_no_partial_checkpoint(tiny_chat_dir, tmp_
         train(args_for(tiny_chat_dir, tmp_path / "run"))
     assert [c.name for c in list_checkpoints(tmp_path / "run")] == ["checkpoint-3"]
     assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith(".checkpoint")]
+
+
+def test_packing_trains_on_rows_of_several_examples(tiny_chat_dir, tmp_path):
+    result = train(args_for(tiny_chat_dir, tmp_path / "run", packing=True, cutoff_len=256, max_steps=3))
+    assert result.state.global_step == 3 and all(l == l for l in result.train_losses)
+
+
+def test_continued_pretraining_uses_and_reuses_a_token_cache(tiny_chat_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("DANLU_HOME", str(tmp_path / "home"))
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "book.txt").write_text("\n".join(f"Line {i} of a book about furnaces and elixirs." for i in range(200)))
+    (corpus / "dataset_info.json").write_text(json.dumps({"book": {"file_name": "book.txt"}}))
+    args = dict(stage="pt", dataset="book", dataset_dir=str(corpus), cutoff_len=64, val_size=0.1,
+                eval_strategy="steps", eval_steps=3, max_steps=6, finetuning_type="full", learning_rate=1e-3)
+    first = train(args_for(tiny_chat_dir, tmp_path / "pt1", **args))
+    caches = list((tmp_path / "home" / "token-cache").glob("*.bin"))
+    assert len(caches) == 1
+    stamp = caches[0].stat().st_mtime_ns
+    train(args_for(tiny_chat_dir, tmp_path / "pt2", **args))
+    assert caches[0].stat().st_mtime_ns == stamp  # reused, not rebuilt
+    assert first.train_losses[-1] < first.train_losses[0] and first.eval_losses
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_qlora_trains_adapters_on_quantized_base(tiny_chat_dir, tmp_path, bits):
+    from danlu.tuning.lora import load_adapter
+
+    result = train(args_for(tiny_chat_dir, tmp_path / "run", quantization_bit=bits, max_steps=6))
+    assert result.train_losses[-1] < result.train_losses[0]
+    from danlu.checkpoints.load import load_pretrained
+
+    lm = load_pretrained(tiny_chat_dir, dtype="float32")
+    load_adapter(lm.model, tmp_path / "run" / "adapter")  # a QLoRA adapter applies to the float base

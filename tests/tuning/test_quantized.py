@@ -287,3 +287,17 @@ def test_skip_names_and_already_quantized_layers():
     assert len(names) == 2 * 6 and not any(n.endswith("down_proj") for n in names)
     assert quantize_model(model, 8, skip=("lm_head", "down_proj")) == []  # quantized layers are left alone
     copy.deepcopy(model)(IDS)  # deep copies work (e.g. for an EMA or a reference model)
+
+
+def test_qlora_trains_under_bfloat16_autocast_as_the_training_loop_runs_it():
+    model = tiny_model()
+    quantize_model(model, 4)
+    apply_lora(model, LoRAConfig(rank=4, alpha=8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(IDS)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), IDS.reshape(-1))
+    loss.backward()
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(loss)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert all(g is not None and g.dtype == torch.float32 for g in grads.values())
+    assert all(g.abs().sum() > 0 for n, g in grads.items() if "lora_B" in n)  # lora_A's is 0 while B = 0
