@@ -13,6 +13,7 @@ import torch
 
 from danlu.checkpoints.errors import CheckpointError
 from danlu.utils.atomic import atomic_directory
+from danlu.utils.jsonfile import read_json
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -55,12 +56,7 @@ def read_peft_adapter(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
     directory = Path(directory)
     config_path = directory / CONFIG_NAME
-    if not config_path.is_file():
-        raise CheckpointError(f"{config_path}: not found; an adapter directory needs {CONFIG_NAME}")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{config_path}: invalid JSON at line {e.lineno}: {e.msg}") from e
+    config = read_json(config_path, CheckpointError, f"an adapter directory needs {CONFIG_NAME}")
     if config.get("peft_type") != "LORA":
         raise CheckpointError(f"{config_path}: peft_type {config.get('peft_type')!r} is not supported (LORA is)")
     for key in ("r", "lora_alpha", "target_modules"):

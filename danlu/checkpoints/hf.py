@@ -13,6 +13,7 @@ import torch
 from danlu.checkpoints.errors import CheckpointError
 from danlu.models.config import ConfigError, ModelConfig
 from danlu.utils.atomic import atomic_directory
+from danlu.utils.jsonfile import read_json
 from danlu.utils.progress import progress
 
 ARCHITECTURE_BY_HF_CLASS = {
@@ -160,12 +161,7 @@ def _unrepresentable(config: ModelConfig) -> list[str]:
 
 def read_hf_config(directory: Path) -> ModelConfig:
     path = Path(directory) / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{path}: not found; a Hugging Face model directory needs config.json")
-    try:
-        hf = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+    hf = read_json(path, CheckpointError, "a Hugging Face model directory needs config.json")
     return config_from_hf(hf, str(path))
 
 

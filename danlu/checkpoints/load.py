@@ -15,6 +15,7 @@ from danlu.checkpoints.errors import CheckpointError
 from danlu.models.config import ModelConfig
 from danlu.models.presets import PRESETS, get_preset
 from danlu.models.transformer import Transformer, build_meta_model
+from danlu.utils.jsonfile import read_json
 from danlu.utils.progress import logger
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -154,7 +155,6 @@ def _load_gguf(path: Path, dtype, device, show_progress) -> Pretrained:
 
 
 def _load_hf(directory: Path, dtype, device, show_progress) -> Pretrained:
-    import json
 
     config = hf_format.read_hf_config(directory)
     state = hf_format.load_hf_state_dict(directory, expected_shapes(config), dtype, show_progress)
@@ -163,10 +163,7 @@ def _load_hf(directory: Path, dtype, device, show_progress) -> Pretrained:
     generation_defaults = {}
     gen_path = directory / "generation_config.json"
     if gen_path.is_file():
-        try:
-            generation_defaults = json.loads(gen_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{gen_path}: invalid JSON at line {e.lineno}: {e.msg}") from e
+        generation_defaults = read_json(gen_path, CheckpointError)
     return Pretrained(model, tokenizer, config, str(directory), generation_defaults)
 
 

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from danlu.models.config import ModelConfig
-from danlu.models.presets import PRESETS, get_preset
+from danlu.models.presets import get_preset
 from danlu.models.transformer import build_meta_model, count_parameters
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "int4": 0.5}

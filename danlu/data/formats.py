@@ -5,12 +5,12 @@ Every record becomes an Example: an optional system prompt and alternating user/
 from __future__ import annotations
 
 import difflib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from danlu.data.files import DataError, Record
+from danlu.utils.jsonfile import read_json
 
 ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "system": "system",
                   "history": "history"}
@@ -39,12 +39,7 @@ class DatasetSpec:
 
 def load_dataset_info(dataset_dir: Path) -> dict[str, DatasetSpec]:
     path = Path(dataset_dir) / "dataset_info.json"
-    if not path.is_file():
-        raise DataError(f"{path}: not found; dataset_dir must hold a dataset_info.json that names the datasets")
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    info = read_json(path, DataError, "dataset_dir must hold a dataset_info.json that names the datasets")
     specs = {}
     for name, entry in info.items():
         if not isinstance(entry, dict):

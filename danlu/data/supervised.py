@@ -5,7 +5,7 @@ so a model trained here answers the same way in `danlu chat`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 from danlu.data.formats import Example

@@ -20,7 +20,7 @@ from danlu.data.dataset import PreparedData, prepare_sft_data
 from danlu.data.pretrain import prepare_pretrain_data
 from danlu.data.supervised import pack_examples
 from danlu.training.arguments import ArgumentError, TrainArguments
-from danlu.training.checkpoint import (TrainerState, latest_checkpoint, list_checkpoints, load_checkpoint,
+from danlu.training.checkpoint import (TrainerState, latest_checkpoint, load_checkpoint,
                                        save_checkpoint)
 from danlu.training.gradient_checkpointing import enable_gradient_checkpointing
 from danlu.training.logs import TrainingLog

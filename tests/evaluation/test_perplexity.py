@@ -2,7 +2,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from danlu.checkpoints.load import load_pretrained
 from danlu.evaluation.perplexity import perplexity

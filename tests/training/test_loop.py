@@ -160,3 +160,16 @@ def test_qlora_trains_adapters_on_quantized_base(tiny_chat_dir, tmp_path, bits):
 
     lm = load_pretrained(tiny_chat_dir, dtype="float32")
     load_adapter(lm.model, tmp_path / "run" / "adapter")  # a QLoRA adapter applies to the float base
+
+
+def test_gradient_checkpointing_gives_the_same_losses(tiny_chat_dir, tmp_path):
+    plain = train(args_for(tiny_chat_dir, tmp_path / "plain", max_steps=3))
+    checkpointed = train(args_for(tiny_chat_dir, tmp_path / "ckpt", max_steps=3, gradient_checkpointing=True))
+    assert checkpointed.train_losses == pytest.approx(plain.train_losses, abs=1e-5)
+
+
+def test_sgd_and_constant_schedule_run(tiny_chat_dir, tmp_path):
+    result = train(args_for(tiny_chat_dir, tmp_path / "sgd", optim="sgd", lr_scheduler_type="constant_with_warmup",
+                            warmup_ratio=0.5, learning_rate=0.1, max_steps=4))
+    lrs = [r["lr"] for r in map(json.loads, (tmp_path / "sgd" / "trainer_log.jsonl").read_text().splitlines())]
+    assert lrs == pytest.approx([0.05, 0.1, 0.1, 0.1]) and result.state.global_step == 4
