@@ -4,13 +4,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from danlu.cli import chat, convert, evaluate, export, fetch, generate, model_info, train
+from danlu.cli import api, chat, convert, evaluate, export, fetch, generate, model_info, train
 from danlu.utils.progress import configure_logging
 
 SUBCOMMANDS = {
     "train": train,
     "export": export,
     "chat": chat,
+    "api": api,
     "generate": generate,
     "eval": evaluate,
     "convert": convert,

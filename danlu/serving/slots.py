@@ -1,0 +1,70 @@
+"""A KV cache of fixed slots for continuous batching: each running request owns one row, with its own length.
+
+`view(rows)` gives the model the usual cache interface (length / update / advance) over some rows, so
+requests of different lengths decode together and join or leave between steps.
+"""
+from __future__ import annotations
+
+import torch
+
+from danlu.models.config import ModelConfig
+
+
+class SlotKVCache:
+    def __init__(self, config: ModelConfig, slots: int, capacity: int, dtype: torch.dtype, device):
+        shape = (slots, config.num_key_value_heads, capacity, config.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.lengths = torch.zeros(slots, dtype=torch.long)
+        self.capacity = capacity
+
+    def view(self, rows: list[int]) -> "SlotView":
+        return SlotView(self, rows)
+
+    def reset(self, row: int) -> None:
+        self.lengths[row] = 0
+
+
+class SlotView:
+    """The rows of a SlotKVCache that take part in one forward pass."""
+
+    def __init__(self, cache: SlotKVCache, rows: list[int]):
+        self.cache = cache
+        self.rows = torch.tensor(rows, dtype=torch.long)
+        self.row_lengths = cache.lengths[self.rows].clone()
+        self.length = int(self.row_lengths.max())  # the model's "past": every row's keys fit below it
+        device = cache.keys[0].device
+        self._device_rows = self.rows.to(device)
+        self._device_lengths = self.row_lengths.to(device)
+
+    def attention_mask(self, new_tokens: int) -> torch.Tensor:
+        """[rows, length + new]: 1 where a row has a key (its own past and the new tokens)."""
+        total = self.length + new_tokens
+        index = torch.arange(total)
+        past = index[None, :] < self.row_lengths[:, None]
+        new = (index[None, :] >= self.length) & (index[None, :] < total)
+        return (past | new).long().to(self._device_rows.device)
+
+    def position_ids(self, new_tokens: int) -> torch.Tensor:
+        return (self._device_lengths[:, None] + torch.arange(new_tokens, device=self._device_lengths.device)[None])
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Write each row's new keys at its own length; return keys laid out as [past (padded) | new]."""
+        new = k.shape[2]
+        if self.length + new > self.cache.capacity:
+            raise ValueError(f"slot cache holds {self.cache.capacity} positions; {self.length + new} needed")
+        keys, values = self.cache.keys[layer], self.cache.values[layer]
+        if len(self.rows) == 1:  # a prefill: one contiguous write
+            row, start = int(self.rows[0]), int(self.row_lengths[0])
+            keys[row, :, start:start + new] = k[0]
+            values[row, :, start:start + new] = v[0]
+        else:
+            for step in range(new):
+                keys[self._device_rows, :, self._device_lengths + step] = k[:, :, step]
+                values[self._device_rows, :, self._device_lengths + step] = v[:, :, step]
+        past_k = keys.index_select(0, self._device_rows)[:, :, :self.length]
+        past_v = values.index_select(0, self._device_rows)[:, :, :self.length]
+        return torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+
+    def advance(self, steps: int) -> None:
+        self.cache.lengths[self.rows] = self.row_lengths + steps

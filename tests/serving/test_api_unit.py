@@ -1,0 +1,61 @@
+"""API behaviour that needs no running model: authentication and a full queue."""
+import queue
+
+import pytest
+from fastapi.testclient import TestClient
+
+from danlu.generation.sampling import GenerationConfig
+from danlu.models.presets import get_preset
+from danlu.models.transformer import Transformer
+from danlu.serving.api import create_app
+from danlu.serving.engine import Engine, QueueFull, Request
+
+
+class CharTokenizer:
+    chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    pad_token_id = 0
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [ord(c) % 256 for c in text]}
+
+    def apply_chat_template(self, messages, chat_template=None, tokenize=False, add_generation_prompt=True):
+        return "".join(m["content"] + "\n" for m in messages)
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(97 + i % 26) for i in ids)
+
+
+@pytest.fixture
+def engine():
+    return Engine(Transformer(get_preset("tiny-llama")), CharTokenizer(), max_batch=2, max_queue=1)
+
+
+def test_api_key_is_required_when_set(engine):
+    client = TestClient(create_app(engine, "tiny", api_key="s3cret"))
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert client.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert client.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert client.get("/health").status_code == 200
+
+
+def test_full_queue_answers_429(engine):
+    engine.submit(Request([1, 2], GenerationConfig(max_new_tokens=2), emit=lambda e: None))  # not started: stays
+    with pytest.raises(QueueFull):
+        engine.submit(Request([1, 2], GenerationConfig(max_new_tokens=2), emit=lambda e: None))
+    client = TestClient(create_app(engine, "tiny"))
+    r = client.post("/v1/chat/completions", json={"model": "tiny", "max_tokens": 2,
+                                                  "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_engine_serves_tiny_model_end_to_end(engine):
+    engine.start()
+    try:
+        client = TestClient(create_app(engine, "tiny"))
+        r = client.post("/v1/completions", json={"model": "tiny", "prompt": "abc", "max_tokens": 5, "temperature": 0})
+        assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
+        assert r.json()["usage"]["completion_tokens"] == 5
+    finally:
+        engine.stop()
