@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 

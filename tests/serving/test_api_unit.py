@@ -1,5 +1,4 @@
 """API behaviour that needs no running model: authentication and a full queue."""
-import queue
 
 import pytest
 from fastapi.testclient import TestClient
