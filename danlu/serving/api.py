@@ -39,6 +39,7 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     n: int = Field(default=1, ge=1, le=16)
+    ignore_eos: bool = False  # vLLM's extension: keep going past EOS (for benchmarks)
     presence_penalty: float = 0.0  # accepted for compatibility; not applied
     frequency_penalty: float = 0.0
     user: Optional[str] = None
@@ -116,11 +117,13 @@ def create_app(engine: Engine, model_name: str, template: Optional[str] = None, 
                                 top_p=body.top_p, repetition_penalty=body.repetition_penalty, seed=body.seed,
                                 stop=stops + [s for s in extra_stops if s not in stops])
 
-    async def run(prompt_ids: list[int], config: GenerationConfig, adapter: Optional[str], http: HTTPRequest):
+    async def run(prompt_ids: list[int], config: GenerationConfig, adapter: Optional[str], http: HTTPRequest,
+                  ignore_eos: bool = False):
         """Submit one generation; yield its events as they come."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
-        request = Request(prompt_ids, config, lambda e: loop.call_soon_threadsafe(events.put_nowait, e), adapter)
+        request = Request(prompt_ids, config, lambda e: loop.call_soon_threadsafe(events.put_nowait, e), adapter,
+                          ignore_eos)
         try:
             engine.submit(request)
         except QueueFull as e:
@@ -141,9 +144,9 @@ def create_app(engine: Engine, model_name: str, template: Optional[str] = None, 
         finally:
             request.cancel()  # a client gone mid-way frees its slot at the next step
 
-    async def collect(prompt_ids, config, adapter, http) -> tuple[str, str, int]:
+    async def collect(prompt_ids, config, adapter, http, ignore_eos=False) -> tuple[str, str, int]:
         text, reason, tokens = [], "stop", 0
-        async for event in run(prompt_ids, config, adapter, http):
+        async for event in run(prompt_ids, config, adapter, http, ignore_eos):
             text.append(event.text)
             tokens = event.completion_tokens or tokens
             if event.finish_reason:
@@ -166,7 +169,8 @@ def create_app(engine: Engine, model_name: str, template: Optional[str] = None, 
         engine_check(prompt, config)
         if body.stream:
             return stream_response(body, prompt, config, adapter, http, chat=True)
-        results = await asyncio.gather(*[collect(prompt, seeded(config, i), adapter, http) for i in range(body.n)])
+        results = await asyncio.gather(*[collect(prompt, seeded(config, i), adapter, http, body.ignore_eos)
+                                         for i in range(body.n)])
         choices = [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
                     "logprobs": None} for i, (text, reason, _) in enumerate(results)]
         return completion_body("chatcmpl", "chat.completion", body.model, choices, len(prompt),
@@ -188,7 +192,7 @@ def create_app(engine: Engine, model_name: str, template: Optional[str] = None, 
             if len(encoded) != 1:
                 raise APIError(400, "streaming takes one prompt", param="prompt")
             return stream_response(body, encoded[0], config, adapter, http, chat=False)
-        jobs = [collect(ids, seeded(config, i), adapter, http) for ids in encoded for i in range(body.n)]
+        jobs = [collect(ids, seeded(config, i), adapter, http, body.ignore_eos) for ids in encoded for i in range(body.n)]
         results = await asyncio.gather(*jobs)
         choices = [{"index": i, "text": text, "finish_reason": reason, "logprobs": None}
                    for i, (text, reason, _) in enumerate(results)]
@@ -224,7 +228,7 @@ def create_app(engine: Engine, model_name: str, template: Optional[str] = None, 
             if chat:
                 yield chunk(None, None, role=True)
             tokens = 0
-            async for event in run(prompt, config, adapter, http):
+            async for event in run(prompt, config, adapter, http, body.ignore_eos):
                 tokens = event.completion_tokens or tokens
                 if event.text:
                     yield chunk(event.text, None)

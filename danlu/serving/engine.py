@@ -42,6 +42,7 @@ class Request:
     config: GenerationConfig
     emit: Callable[[Event], None]  # called from the engine thread
     adapter: Optional[str] = None
+    ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks), as vLLM's extension
     id: int = field(default_factory=itertools.count().__next__)
     cancelled: bool = False
     # engine-side state
@@ -190,7 +191,7 @@ class Engine:
         request.last_token = token
         if request.seen is not None:
             request.seen[token] = True
-        if token in self.eos_ids:
+        if token in self.eos_ids and not request.ignore_eos:
             self._finish(request, "stop")
             return
         piece = request.decoder.add(token)

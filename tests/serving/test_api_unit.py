@@ -58,3 +58,20 @@ def test_engine_serves_tiny_model_end_to_end(engine):
         assert r.json()["usage"]["completion_tokens"] == 5
     finally:
         engine.stop()
+
+
+def test_ignore_eos_generates_exactly_max_tokens():
+    import torch
+
+    model = Transformer(get_preset("tiny-llama")).eval()
+    with torch.no_grad():  # make the first greedy token of the prompt the end-of-sequence token
+        first = int(model(torch.tensor([[ord(c) % 256 for c in "abc"]]))[0, -1].argmax())
+    engine = Engine(model, CharTokenizer(), max_batch=2, max_queue=4, eos_ids=[first]).start()
+    try:
+        client = TestClient(create_app(engine, "tiny"))
+        body = {"model": "tiny", "prompt": "abc", "max_tokens": 6, "temperature": 0}
+        assert client.post("/v1/completions", json=body).json()["usage"]["completion_tokens"] == 1
+        r = client.post("/v1/completions", json={**body, "ignore_eos": True}).json()
+        assert r["usage"]["completion_tokens"] == 6 and r["choices"][0]["finish_reason"] == "length"
+    finally:
+        engine.stop()
