@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from danlu.cli import api, chat, convert, evaluate, export, fetch, generate, model_info, train
+from danlu.cli import api, chat, convert, evaluate, export, fetch, generate, model_info, train, webui
 from danlu.utils.progress import configure_logging
 
 SUBCOMMANDS = {
@@ -12,6 +12,7 @@ SUBCOMMANDS = {
     "export": export,
     "chat": chat,
     "api": api,
+    "webui": webui,
     "generate": generate,
     "eval": evaluate,
     "convert": convert,

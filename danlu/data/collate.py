@@ -26,9 +26,12 @@ def collate(examples: list[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Mean cross-entropy of each position predicting the next label; and how many labels counted."""
-    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    shift_labels = labels[:, 1:].reshape(-1)
+    """Mean cross-entropy of each position predicting the next label; and how many labels counted.
+
+    The labels are shifted, not the logits: slicing the logits would copy them (and their gradient).
+    """
+    shift_labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
     count = int((shift_labels != IGNORE_INDEX).sum())
-    loss = torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), shift_labels,
+                                             ignore_index=IGNORE_INDEX, reduction="sum")
     return loss / max(count, 1), count

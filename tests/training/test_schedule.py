@@ -23,3 +23,17 @@ def test_schedules_match_transformers(kind):
     theirs = lrs(lambda o: get_scheduler(kind, o, num_warmup_steps=4, num_training_steps=20))
     assert ours == pytest.approx(theirs)
     assert not any(math.isnan(x) for x in ours)
+
+
+def test_causal_lm_loss_equals_transformers_shifted_loss():
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    from danlu.data.collate import causal_lm_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 7, 11, generator=g)
+    labels = torch.randint(0, 11, (2, 7), generator=g)
+    labels[0, :3] = -100
+    ours, count = causal_lm_loss(logits, labels)
+    assert count == 2 * 6 - 2
+    assert torch.allclose(ours, ForCausalLMLoss(logits, labels, vocab_size=11))
