@@ -65,6 +65,11 @@ class MultiLoRA:
 
     def add(self, name: str, path: str) -> None:
         config, state = read_peft_adapter(path)
+        whole = [k for k in state if ".lora_A." not in k and ".lora_B." not in k]
+        if whole:
+            raise CheckpointError(f"{path}: the adapter also replaces whole weights ({whole[0]}, from "
+                                  f"additional_target); such an adapter cannot be chosen per request: merge it "
+                                  f"with `danlu export` and serve the result")
         scaling = float(config["lora_alpha"]) / int(config["r"])
         modules = {key.rsplit(".", 2)[0] for key in state}
         for module_name in sorted(modules):

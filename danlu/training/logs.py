@@ -49,6 +49,21 @@ class TrainingLog:
             plot_losses(self.records(), self.output_dir)
 
 
+def memory_gib(device) -> float:
+    """Peak GPU memory allocated on a GPU; the process's resident memory on a CPU."""
+    import torch
+
+    if getattr(device, "type", device) == "cuda":
+        return torch.cuda.max_memory_allocated() / 1024**3
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1024**3
+    except (OSError, ValueError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
 def plot_losses(records: list[dict], output_dir: Path) -> list[Path]:
     """training_loss.png (raw and smoothed) and, when there was validation, eval_loss.png."""
     import matplotlib

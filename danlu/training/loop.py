@@ -23,7 +23,7 @@ from danlu.training.arguments import ArgumentError, TrainArguments
 from danlu.training.checkpoint import (TrainerState, latest_checkpoint, load_checkpoint,
                                        save_checkpoint)
 from danlu.training.gradient_checkpointing import enable_gradient_checkpointing
-from danlu.training.logs import TrainingLog
+from danlu.training.logs import TrainingLog, memory_gib
 from danlu.training.schedule import build_scheduler, warmup_steps
 from danlu.tuning.freeze import apply_freeze
 from danlu.tuning.quantized import quantize_model
@@ -64,6 +64,8 @@ def train(args: TrainArguments) -> TrainResult:
                 100 * trainable / total)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer(params, args)
+    # fp16 gradients underflow without loss scaling; bf16 and float32 need none (the scaler is then a no-op)
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
     batches_per_epoch = math.ceil(len(data.train) / args.per_device_train_batch_size)
     steps_per_epoch = max(1, batches_per_epoch // args.gradient_accumulation_steps)
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(steps_per_epoch * args.num_train_epochs)
@@ -100,15 +102,17 @@ def train(args: TrainArguments) -> TrainResult:
                         logits = model(batch["input_ids"], attention_mask=batch["attention_mask"],
                                        document_ids=batch.get("document_ids"))
                     loss, _ = causal_lm_loss(logits, batch["labels"])
-                    (loss / len(group)).backward()
+                    scaler.scale(loss / len(group)).backward()
                     step_loss += loss.item() / len(group)
                     step_tokens += int(batch["attention_mask"].sum())
                 if not math.isfinite(step_loss):
                     last = latest_checkpoint(output_dir)
                     raise TrainingStopped(f"the loss became {step_loss} at step {state.global_step + 1}; training "
                                           f"stopped. The last good checkpoint is {last or 'none (none saved yet)'}")
+                scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-                optimizer.step()
+                scaler.step(optimizer)
+                scaler.update()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 state.global_step += 1
@@ -123,10 +127,10 @@ def train(args: TrainArguments) -> TrainResult:
                     elapsed = time.perf_counter() - window_start
                     record = {"step": state.global_step, "loss": window_loss / window_steps,
                               "lr": scheduler.get_last_lr()[0], "epoch": state.epoch + state.batch_in_epoch / len(batch_starts),
-                              "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
+                              "tokens_per_s": window_tokens / max(elapsed, 1e-9), "memory_gib": memory_gib(device)}
                     log.write(record)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                    tok_s=f"{record['tokens_per_s']:.0f}")
+                                    tok_s=f"{record['tokens_per_s']:.0f}", mem=f"{record['memory_gib']:.2f}G")
                     window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
                 if data.eval and args.eval_strategy == "steps" and state.global_step % args.eval_steps == 0:
                     _evaluate_and_track(model, data, args, state, result, log, pad_id, device, autocast_dtype,
@@ -322,6 +326,9 @@ def _save_final(model, lm: Pretrained, args: TrainArguments, output_dir: Path) -
     if args.finetuning_type == "lora":
         state = lora_state_dict(model)
         modules = sorted({k.rsplit(".", 2)[0].split(".")[-1] for k in state})
+        if args.additional_target:  # saved whole, as PEFT saves modules_to_save
+            state.update({n.replace(".base_layer.", "."): p.detach() for n, p in model.named_parameters()
+                          if p.requires_grad and ".lora_" not in n})
         save_peft_adapter(output_dir / "adapter", state, args.lora_rank, args.lora_alpha, args.lora_dropout,
                           modules, base_model=lm.source,
                           modules_to_save=args.additional_target.split(",") if args.additional_target else None)

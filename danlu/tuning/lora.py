@@ -161,14 +161,23 @@ def load_adapter(model: nn.Module, directory, scale: float = 1.0) -> list[str]:
     lora_config = LoRAConfig(rank=int(config["r"]), alpha=float(config["lora_alpha"]) * scale,
                              dropout=float(config.get("lora_dropout") or 0.0), targets=targets)
     names = apply_lora(model, lora_config)
+    # PEFT's modules_to_save (LLaMA-Factory's additional_target) are whole weights under plain names.
+    full = {k: v for k, v in state.items() if ".lora_A." not in k and ".lora_B." not in k}
+    state = {k: v for k, v in state.items() if k not in full}
     expected = lora_state_dict(model)
+    params = {n.replace(".base_layer.", "."): p for n, p in model.named_parameters()}
     missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    unexpected = sorted(set(state) - set(expected)) + sorted(set(full) - set(params))
     if missing or unexpected:
         raise CheckpointError(f"{directory}: adapter does not fit this model (missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]})")
     modules = lora_modules(model)
     with torch.no_grad():
+        for key, tensor in full.items():
+            if tensor.shape != params[key].shape:
+                raise CheckpointError(f"{directory}: {key} has shape {tuple(tensor.shape)}, "
+                                      f"expected {tuple(params[key].shape)}")
+            params[key].copy_(tensor)
         for key, tensor in state.items():
             module_name, part, _ = key.rsplit(".", 2)
             target = getattr(modules[module_name], part).weight

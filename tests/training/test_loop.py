@@ -173,3 +173,41 @@ def test_sgd_and_constant_schedule_run(tiny_chat_dir, tmp_path):
                             warmup_ratio=0.5, learning_rate=0.1, max_steps=4))
     lrs = [r["lr"] for r in map(json.loads, (tmp_path / "sgd" / "trainer_log.jsonl").read_text().splitlines())]
     assert lrs == pytest.approx([0.05, 0.1, 0.1, 0.1]) and result.state.global_step == 4
+
+
+def test_additional_target_is_saved_as_peft_modules_to_save(tiny_chat_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from danlu.checkpoints.load import load_pretrained
+    from danlu.tuning.lora import load_adapter
+
+    train(args_for(tiny_chat_dir, tmp_path / "run", lora_target="q_proj", additional_target="norm",
+                   max_steps=3, learning_rate=0.05))
+    adapter = tmp_path / "run" / "adapter"
+    lm = load_pretrained(tiny_chat_dir, dtype="float32")
+    before = lm.model.model.norm.weight.clone()
+    load_adapter(lm.model, adapter)
+    assert not torch.equal(lm.model.model.norm.weight, before)  # the trained norm came with the adapter
+    hf = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_chat_dir), str(adapter)).eval()
+    ids = torch.randint(3, 1000, (1, 9))
+    with torch.no_grad():
+        assert (hf(ids).logits - lm.model(ids)).abs().max().item() <= 1e-4
+
+
+def test_load_best_model_at_end_restores_the_best_eval(tiny_chat_dir, tmp_path):
+    from danlu.checkpoints.adapters import read_peft_adapter
+    from safetensors.torch import load_file
+
+    result = train(args_for(tiny_chat_dir, tmp_path / "run", max_steps=9, val_size=0.2, eval_strategy="steps",
+                            eval_steps=3, learning_rate=0.3, load_best_model_at_end=True, save_total_limit=2))
+    best = min(range(len(result.eval_losses)), key=result.eval_losses.__getitem__)
+    assert result.state.best_checkpoint == f"checkpoint-{3 * (best + 1)}"
+    saved = load_file(str(tmp_path / "run" / result.state.best_checkpoint / "trainable.safetensors"))
+    _, final = read_peft_adapter(tmp_path / "run" / "adapter")
+    key = next(k for k in final if "lora_B" in k)
+    assert torch.equal(final[key], saved[key.replace(".lora_B.", ".lora_B.")])
+    names = [c.name for c in list_checkpoints(tmp_path / "run")]
+    assert result.state.best_checkpoint in names and len(names) <= 2
+    assert all("memory_gib" in r for r in map(json.loads, (tmp_path / "run" / "trainer_log.jsonl").read_text()
+                                                 .splitlines()) if "loss" in r)
