@@ -13,8 +13,9 @@ from danlu.models.config import ModelConfig
 class SlotKVCache:
     def __init__(self, config: ModelConfig, slots: int, capacity: int, dtype: torch.dtype, device):
         shape = (slots, config.num_key_value_heads, capacity, config.head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        # empty, not zeros: the operating system commits memory only for the positions requests really use
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.lengths = torch.zeros(slots, dtype=torch.long)
         self.capacity = capacity
 
@@ -62,8 +63,9 @@ class SlotView:
             for step in range(new):
                 keys[self._device_rows, :, self._device_lengths + step] = k[:, :, step]
                 values[self._device_rows, :, self._device_lengths + step] = v[:, :, step]
-        past_k = keys.index_select(0, self._device_rows)[:, :, :self.length]
-        past_v = values.index_select(0, self._device_rows)[:, :, :self.length]
+        # slice to the used length first, so only that much is gathered
+        past_k = keys[:, :, :self.length].index_select(0, self._device_rows)
+        past_v = values[:, :, :self.length].index_select(0, self._device_rows)
         return torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
 
     def advance(self, steps: int) -> None:
