@@ -211,3 +211,14 @@ def test_load_best_model_at_end_restores_the_best_eval(tiny_chat_dir, tmp_path):
     assert result.state.best_checkpoint in names and len(names) <= 2
     assert all("memory_gib" in r for r in map(json.loads, (tmp_path / "run" / "trainer_log.jsonl").read_text()
                                                  .splitlines()) if "loss" in r)
+
+
+def test_report_to_tensorboard_writes_scalars(tiny_chat_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(args_for(tiny_chat_dir, tmp_path / "run", report_to="tensorboard", max_steps=3, val_size=0.2,
+                   eval_strategy="steps", eval_steps=3))
+    events = EventAccumulator(str(tmp_path / "run" / "runs"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]
+    assert len(events.Scalars("eval/loss")) == 1
