@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from machine import ForeignLoad, machine_info
 
 HERE = Path(__file__).resolve().parent
 PREFILL_TOKENS = 512
@@ -45,57 +46,6 @@ TARGETS = {"decode_b1": 2.0, "decode_b8": 2.0, "load": 3.0}  # the issue's: x fa
 
 
 # ---------------------------------------------------------------- machine and timing helpers
-
-def machine_info() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        cpu = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        pass
-    ram_gb = None
-    try:
-        kb = next(int(l.split()[1]) for l in Path("/proc/meminfo").read_text().splitlines()
-                  if l.startswith("MemTotal"))
-        ram_gb = round(kb / 1024 ** 2, 1)
-    except (OSError, StopIteration):
-        pass
-    import transformers
-
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gb": ram_gb, "python": platform.python_version(),
-            "torch": torch.__version__, "transformers": transformers.__version__,
-            "torch_threads": torch.get_num_threads()}
-
-
-class ForeignLoad:
-    """Share of the machine's CPU time used by other processes while a section runs (0 = an idle machine).
-
-    From /proc/stat's busy time minus this process's and its children's own CPU time; a figure taken
-    when it is high was measured on a shared, busy machine and is slower than it should be.
-    """
-
-    def __enter__(self):
-        self.start = (self._busy(), self._own(), time.perf_counter())
-        return self
-
-    def __exit__(self, *exc):
-        busy, own, wall = (b - a for a, b in zip(self.start, (self._busy(), self._own(), time.perf_counter())))
-        self.share = max(0.0, (busy - own) / (wall * (os.cpu_count() or 1))) if wall > 0 else 0.0
-
-    @staticmethod
-    def _busy() -> float:
-        try:
-            fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        except OSError:
-            return 0.0
-        idle = fields[3] + fields[4]  # idle + iowait
-        return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-    @staticmethod
-    def _own() -> float:
-        t = os.times()
-        return t.user + t.system + t.children_user + t.children_system
-
 
 def measured(results: dict, key: str, fn):
     """results[key] = fn(), with the other processes' CPU share during it under results["foreign_cpu"]."""

@@ -1,0 +1,67 @@
+"""What every benchmark prints and checks: the machine, and how busy other processes kept it.
+
+The scripts run as `python bench/NAME.py`, so this module is imported by its bare name.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+
+def machine_info() -> dict:
+    import torch
+    import transformers
+
+    cpu = platform.processor() or "unknown"
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        cpu = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, StopIteration):
+        pass
+    ram_gb = None
+    try:
+        kb = next(int(l.split()[1]) for l in Path("/proc/meminfo").read_text().splitlines()
+                  if l.startswith("MemTotal"))
+        ram_gb = round(kb / 1024 ** 2, 1)
+    except (OSError, StopIteration):
+        pass
+    try:
+        import peft
+        peft_version = peft.__version__
+    except ImportError:
+        peft_version = None
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gb": ram_gb, "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft_version,
+            "torch_threads": torch.get_num_threads()}
+
+
+class ForeignLoad:
+    """Share of the machine's CPU time used by other processes while a section runs (0 = an idle machine).
+
+    From /proc/stat's busy time minus this process's and its (waited-for) children's own CPU time.
+    """
+
+    def __enter__(self):
+        self.start = (self._busy(), self._own(), time.perf_counter())
+        return self
+
+    def __exit__(self, *exc):
+        busy, own, wall = (b - a for a, b in zip(self.start, (self._busy(), self._own(), time.perf_counter())))
+        self.share = max(0.0, (busy - own) / (wall * (os.cpu_count() or 1))) if wall > 0 else 0.0
+
+    @staticmethod
+    def _busy() -> float:
+        try:
+            fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        except OSError:
+            return 0.0
+        idle = fields[3] + fields[4]  # idle + iowait
+        return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _own() -> float:
+        t = os.times()
+        return t.user + t.system + t.children_user + t.children_system
