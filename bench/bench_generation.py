@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from machine import ForeignLoad, machine_info
+from machine import ForeignLoad, machine_info, print_aligned, print_foreign_load, save_results
 
 HERE = Path(__file__).resolve().parent
 PREFILL_TOKENS = 512
@@ -279,13 +279,7 @@ def target_text(ratio: float, target) -> str:
 
 
 def print_table(lines: list[tuple]) -> None:
-    header = ("metric", "transformers", "danlu", "danlu x", "llama.cpp", "llama.cpp x", "target (danlu)")
-    widths = [max(len(str(r[i])) for r in [header, *lines]) for i in range(len(header))]
-    fmt = " | ".join(f"{{:{'<' if i == 0 else '>'}{w}}}" for i, w in enumerate(widths))
-    print(fmt.format(*header))
-    print("-+-".join("-" * w for w in widths))
-    for line in lines:
-        print(fmt.format(*line))
+    print_aligned(("metric", "transformers", "danlu", "danlu x", "llama.cpp", "llama.cpp x", "target (danlu)"), lines)
 
 
 # ---------------------------------------------------------------- main
@@ -344,11 +338,8 @@ def main(argv=None) -> dict:
         print(f"{key}: greedy rows identical to transformers up to their first EOS: "
               f"{r['rows_equal_until_eos']}/{r['danlu']['batch']} (first EOS per row: {r['first_eos']}; "
               f"first differing position: {r['first_divergence']})")
-    print(f"other processes' share of the CPU per section: {results['foreign_cpu']} "
-          f"(0 = idle machine; above ~0.1 the figures are disturbed)")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-        print(f"saved {args.json}")
+    print_foreign_load(results["foreign_cpu"], "section")
+    save_results(results, args.json)
     return results
 
 

@@ -36,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from machine import ForeignLoad, machine_info
+from machine import ForeignLoad, machine_info, print_aligned, print_foreign_load, save_results
 
 HERE = Path(__file__).resolve().parent
 BATCH, SEQ = 4, 256
@@ -271,15 +271,9 @@ def table_rows(results: dict) -> list[tuple]:
 
 
 def print_table(lines: list[tuple]) -> None:
-    header = ("mode", "tf+peft s/step", "tf+peft tok/s", "tf+peft peak RSS", "danlu s/step", "danlu tok/s",
-              "danlu peak RSS", "tok/s ratio (danlu/peer)", "RSS ratio (danlu/peer)",
-              f"target (>= {TARGET_SPEED:g}x, <= 1.0x)")
-    widths = [max(len(str(r[i])) for r in [header, *lines]) for i in range(len(header))]
-    fmt = " | ".join(f"{{:{'<' if i == 0 else '>'}{w}}}" for i, w in enumerate(widths))
-    print(fmt.format(*header))
-    print("-+-".join("-" * w for w in widths))
-    for line in lines:
-        print(fmt.format(*line))
+    print_aligned(("mode", "tf+peft s/step", "tf+peft tok/s", "tf+peft peak RSS", "danlu s/step", "danlu tok/s",
+                   "danlu peak RSS", "tok/s ratio (danlu/peer)", "RSS ratio (danlu/peer)",
+                   f"target (>= {TARGET_SPEED:g}x, <= 1.0x)"), lines)
 
 
 def print_details(results: dict) -> None:
@@ -354,11 +348,8 @@ def main(argv=None) -> dict:
     print("\nreference (the issue's transformers + peft figures on this machine): " + ", ".join(
         f"{m} {v['tokens_per_s']} tok/s at {v['peak_rss_gib']} GiB" for m, v in REFERENCE.items()))
     foreign = {f"{m}/{e}": r["disturbed"] for m, runs in results["runs"].items() for e, r in runs.items()}
-    print(f"other processes' share of the CPU per run: {foreign} (0 = idle machine; above ~0.1 the figures "
-          f"are disturbed)")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-        print(f"saved {args.json}")
+    print_foreign_load(foreign, "run")
+    save_results(results, args.json)
     return results
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import json
 import time
 from pathlib import Path
 
@@ -65,3 +66,25 @@ class ForeignLoad:
     def _own() -> float:
         t = os.times()
         return t.user + t.system + t.children_user + t.children_system
+
+
+def save_results(results: dict, path) -> None:
+    """Write a benchmark's figures as JSON (the --json OUT flag of every script)."""
+    if path:
+        Path(path).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"saved {path}")
+
+
+def print_foreign_load(shares: dict, per: str) -> None:
+    print(f"other processes' share of the CPU per {per}: {shares} (0 = idle machine; above ~0.1 the figures "
+          f"are disturbed)")
+
+
+def print_aligned(header: tuple, lines: list[tuple]) -> None:
+    """A plain-text table: first column left-aligned, the figures right-aligned."""
+    widths = [max(len(str(r[i])) for r in [header, *lines]) for i in range(len(header))]
+    fmt = " | ".join(f"{{:{'<' if i == 0 else '>'}{w}}}" for i, w in enumerate(widths))
+    print(fmt.format(*header))
+    print("-+-".join("-" * w for w in widths))
+    for line in lines:
+        print(fmt.format(*line))

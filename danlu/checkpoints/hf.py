@@ -24,8 +24,6 @@ ARCHITECTURE_BY_HF_CLASS = {
 HF_CLASS_BY_ARCHITECTURE = {v: k for k, v in ARCHITECTURE_BY_HF_CLASS.items()}
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
 
 
 # ---------------------------------------------------------------- config.json <-> ModelConfig
@@ -285,8 +283,4 @@ def _plan_shards(state: dict[str, torch.Tensor], dtype: torch.dtype, max_shard_b
         shards[-1].append(name)
         size += nbytes
     return shards
-
-
-def is_hf_directory(path: Path) -> bool:
-    return Path(path).is_dir() and (Path(path) / "config.json").is_file()
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from danlu.checkpoints.bundled import bundled_model_path
 from danlu.generation.sampling import GenerationConfig
@@ -55,7 +54,3 @@ def load_from_args(args, show_progress: bool = True):
             load_adapter(lm.model, adapter)
     return lm
 
-
-def fail(message: str, code: int = 2) -> None:
-    print(f"danlu: error: {message}", file=sys.stderr)
-    raise SystemExit(code)

@@ -1,13 +1,14 @@
 """`danlu convert SRC OUT_DIR [--dtype ...]`: GGUF or Hugging Face in, Hugging Face directory out."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from danlu.checkpoints.hf import save_hf_checkpoint
+from danlu.checkpoints.errors import CheckpointError
 from danlu.checkpoints.load import DTYPES, load_pretrained
+from danlu.utils.jsonfile import read_json
 
 
 def add_parser(sub, name):
@@ -39,9 +40,8 @@ def parse_size(text: str) -> int:
 def source_dtype(src: Path) -> torch.dtype:
     config = src / "config.json"
     if src.is_dir() and config.is_file():
-        name = json.loads(config.read_text(encoding="utf-8"))
-        value = name.get("torch_dtype") or name.get("dtype") or "float32"
-        return DTYPES.get(value, torch.float32)
+        hf = read_json(config, CheckpointError)
+        return DTYPES.get(hf.get("torch_dtype") or hf.get("dtype") or "float32", torch.float32)
     return torch.float32
 
 

@@ -37,8 +37,7 @@ def run(args) -> int:
     if tokenizer is None:
         raise ValueError(f"{lm.source} has no tokenizer; generation needs a checkpoint with one")
     if args.chat or any(r.messages for r in todo):
-        config = config.updated(stop=config.stop + [s for s in stop_words(tokenizer, args.template)
-                                                    if s not in config.stop])
+        config = config.with_stops(stop_words(tokenizer, args.template))
 
     def encode(record):
         if record.messages is not None:

@@ -19,6 +19,16 @@ class PreparedData:
     tokenized: TokenizeReport = field(default_factory=TokenizeReport)
 
 
+def validation_count(val_size: float, total: int, unit: str) -> int:
+    """How many of `total` items go to validation: a fraction (at least one) or a whole number (LLaMA-Factory)."""
+    n_eval = int(val_size) if val_size >= 1 else int(round(total * val_size))
+    if val_size and n_eval == 0:
+        n_eval = 1
+    if n_eval >= total:
+        raise DataError(f"val_size={val_size} leaves no training {unit} out of {total}")
+    return n_eval
+
+
 def prepare_sft_data(tokenizer, dataset_dir: str, names: list[str], template: Optional[str], cutoff_len: int,
                      max_samples: Optional[int] = None, val_size: float = 0.0, seed: int = 42,
                      train_on_prompt: bool = False, skip_bad_lines: bool = False) -> PreparedData:
@@ -39,9 +49,5 @@ def prepare_sft_data(tokenizer, dataset_dir: str, names: list[str], template: Op
                         f"({len(examples)} read, {tokenized.dropped} dropped: nothing to learn within "
                         f"cutoff_len={cutoff_len})")
     random.Random(seed).shuffle(data)
-    n_eval = int(val_size) if val_size >= 1 else int(round(len(data) * val_size))
-    if val_size and n_eval == 0:
-        n_eval = 1
-    if n_eval >= len(data):
-        raise DataError(f"val_size={val_size} leaves no training examples out of {len(data)}")
+    n_eval = validation_count(val_size, len(data), "examples")
     return PreparedData(data[n_eval:], data[:n_eval], read, tokenized)

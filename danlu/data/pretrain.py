@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from danlu.data.dataset import validation_count
 from danlu.data.files import DataError, read_records
 from danlu.data.formats import find_spec, load_dataset_info
 from danlu.data.supervised import Tokenized
@@ -105,9 +106,5 @@ def prepare_pretrain_data(tokenizer, dataset_dir: str, names: list[str], cutoff_
         n_blocks = min(n_blocks, max_samples)
     if n_blocks == 0:
         raise DataError(f"{', '.join(names)}: {len(tokens)} tokens make no block of cutoff_len={cutoff_len}")
-    n_eval = int(val_size) if val_size >= 1 else int(round(n_blocks * val_size))
-    if val_size and n_eval == 0:
-        n_eval = 1
-    if n_eval >= n_blocks:
-        raise DataError(f"val_size={val_size} leaves no training blocks out of {n_blocks}")
+    n_eval = validation_count(val_size, n_blocks, "blocks")
     return TokenBlocks(tokens, cutoff_len, n_eval, n_blocks - n_eval), TokenBlocks(tokens, cutoff_len, 0, n_eval)

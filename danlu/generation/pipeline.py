@@ -10,8 +10,7 @@ from danlu.tokenization.chat import encode_chat, stop_words
 
 def _config(base: Optional[GenerationConfig], template_stops: Sequence[str], **sampling) -> GenerationConfig:
     config = (base or GenerationConfig()).updated(**{k: v for k, v in sampling.items() if v is not None})
-    extra = [s for s in template_stops if s not in config.stop]
-    return config.updated(stop=config.stop + extra) if extra else config
+    return config.with_stops(template_stops)
 
 
 def _need_tokenizer(pretrained) -> None:

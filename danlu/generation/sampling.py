@@ -47,6 +47,11 @@ class GenerationConfig:
             raise ValueError(f"unknown generation setting(s) {unknown}; known: {sorted(known)}")
         return GenerationConfig(**{**asdict(self), **changes})
 
+    def with_stops(self, stops) -> "GenerationConfig":
+        """This config with more stop strings (a template's end markers), none repeated."""
+        extra = [s for s in dict.fromkeys(stops) if s not in self.stop]
+        return self.updated(stop=self.stop + extra) if extra else self
+
     def to_dict(self) -> dict:
         return asdict(self)
 

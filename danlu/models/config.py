@@ -5,7 +5,6 @@ Field names follow Hugging Face's config.json so that the mapping to and from it
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -104,8 +103,6 @@ class ModelConfig:
             raise ConfigError(f"{source}: unknown field(s) {unknown}; known fields are {sorted(known)}")
         return cls(**values)
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
 
 
 def _check_choice(name: str, value: Any, allowed: tuple) -> None:

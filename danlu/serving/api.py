@@ -115,7 +115,7 @@ def create_app(engine: Engine, model_name: str, template: Optional[str] = None, 
         max_tokens = body.max_completion_tokens or body.max_tokens or default_max_tokens
         return GenerationConfig(max_new_tokens=max_tokens, temperature=body.temperature, top_k=body.top_k,
                                 top_p=body.top_p, repetition_penalty=body.repetition_penalty, seed=body.seed,
-                                stop=stops + [s for s in extra_stops if s not in stops])
+                                stop=stops).with_stops(extra_stops)
 
     async def run(prompt_ids: list[int], config: GenerationConfig, adapter: Optional[str], http: HTTPRequest,
                   ignore_eos: bool = False):

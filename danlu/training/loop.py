@@ -86,8 +86,8 @@ def train(args: TrainArguments) -> TrainResult:
     try:
         while state.global_step < total_steps:
             order = _epoch_order(len(data.train), args.seed, state.epoch)
-            batch_starts = range(0, len(order), args.per_device_train_batch_size)
-            groups = [list(batch_starts)[i:i + args.gradient_accumulation_steps]
+            batch_starts = list(range(0, len(order), args.per_device_train_batch_size))
+            groups = [batch_starts[i:i + args.gradient_accumulation_steps]
                       for i in range(0, len(batch_starts), args.gradient_accumulation_steps)]
             groups = [g for g in groups if len(g) == args.gradient_accumulation_steps] or groups[:1]
             for group in groups[state.batch_in_epoch // args.gradient_accumulation_steps:]:
@@ -128,6 +128,8 @@ def train(args: TrainArguments) -> TrainResult:
                     record = {"step": state.global_step, "loss": window_loss / window_steps,
                               "lr": scheduler.get_last_lr()[0], "epoch": state.epoch + state.batch_in_epoch / len(batch_starts),
                               "tokens_per_s": window_tokens / max(elapsed, 1e-9), "memory_gib": memory_gib(device)}
+                    if args.include_num_input_tokens_seen:
+                        record["num_input_tokens_seen"] = state.tokens_seen
                     log.write(record)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                     tok_s=f"{record['tokens_per_s']:.0f}", mem=f"{record['memory_gib']:.2f}G")

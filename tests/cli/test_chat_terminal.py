@@ -291,13 +291,17 @@ def test_too_long_a_message_does_not_end_the_chat(chat):
     assert "History (0)" in say(chat, ":his")
 
 
+def assert_clean_exit(child) -> None:
+    expect(child, pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0, transcript(child)
+    assert "Traceback" not in transcript(child)
+
+
 @pytest.mark.real
 def test_q_exits_with_status_0(chat):
     chat.sendline(":q")
-    expect(chat, pexpect.EOF)
-    chat.close()
-    assert chat.exitstatus == 0, transcript(chat)
-    assert "Traceback" not in transcript(chat)
+    assert_clean_exit(chat)
 
 
 @pytest.mark.real
@@ -305,10 +309,7 @@ def test_ctrl_d_exits_with_status_0(started):
     child = started["ctrl-d"]  # a chat of its own, as this one leaves
     expect(child, PROMPT)
     child.sendeof()
-    expect(child, pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0, transcript(child)
-    assert "Traceback" not in transcript(child)
+    assert_clean_exit(child)
 
 
 @pytest.mark.real

@@ -50,3 +50,9 @@ def test_bad_settings_name_the_field(field, value):
 def test_updated_rejects_unknown_setting():
     with pytest.raises(ValueError, match="unknown generation setting.*'nosuch'"):
         GenerationConfig().updated(nosuch=1)
+
+
+def test_with_stops_adds_template_markers_once():
+    config = GenerationConfig(stop=["###"])
+    assert config.with_stops(["<|im_end|>", "###", "<|im_end|>"]).stop == ["###", "<|im_end|>"]
+    assert config.with_stops([]) is config

@@ -213,6 +213,13 @@ def test_load_best_model_at_end_restores_the_best_eval(tiny_chat_dir, tmp_path):
                                                  .splitlines()) if "loss" in r)
 
 
+def test_include_num_input_tokens_seen_logs_a_growing_count(tiny_chat_dir, tmp_path):
+    train(args_for(tiny_chat_dir, tmp_path / "run", max_steps=3, include_num_input_tokens_seen=True))
+    seen = [r["num_input_tokens_seen"] for r in map(json.loads, (tmp_path / "run" / "trainer_log.jsonl")
+                                                    .read_text().splitlines())]
+    assert len(seen) == 3 and 0 < seen[0] < seen[1] < seen[2]
+
+
 def test_report_to_tensorboard_writes_scalars(tiny_chat_dir, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -104,3 +104,19 @@ def test_adapter_errors(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "PREFIX_TUNING"}))
     with pytest.raises(CheckpointError, match="PREFIX_TUNING"):
         load_adapter(model, tmp_path)
+
+
+def test_unmerge_restores_the_base_weight():
+    from danlu.tuning.lora import LoRALinear
+
+    base = torch.nn.Linear(8, 6)
+    original = base.weight.detach().clone()
+    layer = LoRALinear(base, rank=2, alpha=4)
+    torch.nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        unmerged = layer(x)
+        layer.merge()
+        assert torch.allclose(layer(x), unmerged, atol=1e-5) and not torch.equal(base.weight, original)
+        layer.unmerge()
+        assert torch.allclose(base.weight, original, atol=1e-6) and torch.allclose(layer(x), unmerged, atol=1e-5)
