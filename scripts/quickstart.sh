@@ -11,5 +11,5 @@ echo "== Before fine-tuning =="
 .venv/bin/danlu chat --query "$QUESTION" --temperature 0 --max_new_tokens 64
 echo "== Fine-tuning (LoRA on data/identity.json + data/danlu_instruct.json) =="
 .venv/bin/danlu train examples/quickstart_lora.yaml --output_dir "$OUT"
-echo "== After fine-tuning (adapter $OUT/adapter, loss curves in $OUT/*.png) =="
-.venv/bin/danlu chat --adapter "$OUT/adapter" --query "$QUESTION" --temperature 0 --max_new_tokens 64
+echo "== After fine-tuning (the adapter and loss curves are in $OUT) =="
+.venv/bin/danlu chat --adapter "$OUT" --query "$QUESTION" --temperature 0 --max_new_tokens 64

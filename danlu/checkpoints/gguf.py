@@ -18,7 +18,7 @@ from danlu.checkpoints.errors import CheckpointError
 from danlu.models.config import ConfigError, ModelConfig
 from danlu.utils.progress import progress
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
 _LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -29,6 +29,8 @@ _LAYER_NAMES = {
     "attn_q.bias": "self_attn.q_proj.bias",
     "attn_k.bias": "self_attn.k_proj.bias",
     "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
     "attn_output.weight": "self_attn.o_proj.weight",
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
@@ -72,6 +74,9 @@ def gguf_config(reader, source: str) -> ModelConfig:
     names = {t.name for t in reader.tensors}
     heads = need("attention.head_count")
     hidden = need("embedding_length")
+    # Qwen3 writes its head_dim as the key length; Llama writes it as the RoPE dimension.
+    head_dim = _field(reader, f"{arch}.attention.key_length") or \
+        _field(reader, f"{arch}.rope.dimension_count", hidden // heads)
     try:
         return ModelConfig(
             architecture=arch,
@@ -80,10 +85,11 @@ def gguf_config(reader, source: str) -> ModelConfig:
             num_hidden_layers=int(need("block_count")),
             num_attention_heads=int(heads),
             num_key_value_heads=int(_field(reader, f"{arch}.attention.head_count_kv", heads)),
-            head_dim=int(_field(reader, f"{arch}.rope.dimension_count", hidden // heads)),
+            head_dim=int(head_dim),
             intermediate_size=int(need("feed_forward_length")),
             norm_eps=float(need("attention.layer_norm_rms_epsilon")),
             qkv_bias="blk.0.attn_q.bias" in names,
+            qk_norm="blk.0.attn_q_norm.weight" in names,
             rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
             tie_word_embeddings="output.weight" not in names,
             max_position_embeddings=int(_field(reader, f"{arch}.context_length", 4096)),

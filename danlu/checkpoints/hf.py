@@ -19,42 +19,20 @@ from danlu.utils.progress import progress
 ARCHITECTURE_BY_HF_CLASS = {
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
     "MistralForCausalLM": "mistral",
 }
-HF_CLASS_BY_ARCHITECTURE = {v: k for k, v in ARCHITECTURE_BY_HF_CLASS.items()}
+HF_CLASS_BY_ARCHITECTURE = {v: k for k, v in ARCHITECTURE_BY_HF_CLASS.items()}  # model_type is our name
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
+QWEN_WINDOWED = ("qwen2", "qwen3")  # use_sliding_window / sliding_window / max_window_layers
 
 
 # ---------------------------------------------------------------- config.json <-> ModelConfig
 
 def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
-    architectures = hf.get("architectures") or []
-    hf_class = architectures[0] if architectures else None
-    if hf_class not in ARCHITECTURE_BY_HF_CLASS:
-        by_type = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
-        hf_class = by_type.get(hf.get("model_type"), hf_class)
-    if hf_class not in ARCHITECTURE_BY_HF_CLASS:
-        raise CheckpointError(
-            f"{source}: unsupported architecture {architectures or hf.get('model_type')!r}; danlu reads "
-            f"{', '.join(ARCHITECTURE_BY_HF_CLASS)}")
-    arch = ARCHITECTURE_BY_HF_CLASS[hf_class]
-    rope = dict(hf.get("rope_parameters") or {})
-    legacy_scaling = hf.get("rope_scaling") or {}
-    rope.update({k: v for k, v in legacy_scaling.items() if k not in rope})
-    if "type" in rope and "rope_type" not in rope:
-        rope["rope_type"] = rope.pop("type")
-    rope.pop("type", None)
-    theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
-    rope_scaling = rope if rope.get("rope_type", "default") != "default" else None
-    attention_bias = bool(hf.get("attention_bias", False))
-    sliding_window = hf.get("sliding_window") if arch == "mistral" else None
-    if arch == "qwen2" and hf.get("use_sliding_window"):
-        if hf.get("max_window_layers", 0) not in (0,):
-            raise CheckpointError(
-                f"{source}: Qwen2 sliding window on only some layers (max_window_layers="
-                f"{hf.get('max_window_layers')}) is not supported; set use_sliding_window false")
-        sliding_window = hf.get("sliding_window")
+    arch = _architecture(hf, source)
+    theta, rope_scaling = _rope_from_hf(hf)
     required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
     missing = [k for k in required if k not in hf]
     if missing:
@@ -67,19 +45,19 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
             num_hidden_layers=hf["num_hidden_layers"],
             num_attention_heads=hf["num_attention_heads"],
             num_key_value_heads=hf.get("num_key_value_heads"),
-            head_dim=hf.get("head_dim"),
+            # Qwen3Config's head_dim defaults to 128 rather than hidden_size // num_attention_heads.
+            head_dim=hf.get("head_dim", 128 if arch == "qwen3" else None),
             intermediate_size=hf["intermediate_size"],
             norm="rmsnorm",
             norm_eps=hf.get("rms_norm_eps", 1e-6),
             mlp="swiglu",
-            qkv_bias=True if arch == "qwen2" else attention_bias,
-            o_bias=attention_bias if arch == "llama" else False,
-            mlp_bias=bool(hf.get("mlp_bias", False)) if arch == "llama" else False,
+            **_family_switches(arch, hf),
             rope_theta=float(theta),
             rope_scaling=rope_scaling,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            sliding_window=sliding_window,
+            sliding_window=_sliding_window_from_hf(arch, hf, source),
             max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            initializer_range=float(hf.get("initializer_range", 0.02)),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=hf.get("eos_token_id"),
             pad_token_id=hf.get("pad_token_id"),
@@ -89,6 +67,55 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
         raise CheckpointError(f"{source}: {e}") from e
     except KeyError as e:
         raise CheckpointError(f"{source}: missing field {e}") from e
+
+
+def _architecture(hf: dict, source: str) -> str:
+    architectures = hf.get("architectures") or []
+    hf_class = architectures[0] if architectures else None
+    if hf_class not in ARCHITECTURE_BY_HF_CLASS:
+        hf_class = HF_CLASS_BY_ARCHITECTURE.get(hf.get("model_type"), hf_class)
+    if hf_class not in ARCHITECTURE_BY_HF_CLASS:
+        raise CheckpointError(
+            f"{source}: unsupported architecture {architectures or hf.get('model_type')!r}; danlu reads "
+            f"{', '.join(ARCHITECTURE_BY_HF_CLASS)}")
+    return ARCHITECTURE_BY_HF_CLASS[hf_class]
+
+
+def _rope_from_hf(hf: dict) -> tuple[float, Optional[dict]]:
+    """rope_theta and rope_scaling from either the new rope_parameters or the legacy fields."""
+    rope = dict(hf.get("rope_parameters") or {})
+    legacy_scaling = hf.get("rope_scaling") or {}
+    rope.update({k: v for k, v in legacy_scaling.items() if k not in rope})
+    if "type" in rope and "rope_type" not in rope:
+        rope["rope_type"] = rope.pop("type")
+    rope.pop("type", None)
+    theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    return theta, (rope if rope.get("rope_type", "default") != "default" else None)
+
+
+def _family_switches(arch: str, hf: dict) -> dict:
+    """The biases and the q/k norm, which each Hugging Face family fixes or reads its own way."""
+    attention_bias = bool(hf.get("attention_bias", False))
+    if arch == "qwen2":
+        return dict(qkv_bias=True, o_bias=False, mlp_bias=False)
+    if arch == "qwen3":
+        return dict(qkv_bias=attention_bias, o_bias=attention_bias, mlp_bias=False, qk_norm=True)
+    if arch == "mistral":
+        return dict(qkv_bias=attention_bias, o_bias=False, mlp_bias=False)
+    return dict(qkv_bias=attention_bias, o_bias=attention_bias, mlp_bias=bool(hf.get("mlp_bias", False)))
+
+
+def _sliding_window_from_hf(arch: str, hf: dict, source: str) -> Optional[int]:
+    if arch == "mistral":
+        return hf.get("sliding_window")
+    if arch not in QWEN_WINDOWED or not hf.get("use_sliding_window"):
+        return None
+    # Qwen's layers from max_window_layers on use the window; we support the window on all of them.
+    if hf.get("max_window_layers", 0) != 0:
+        raise CheckpointError(
+            f"{source}: {arch} sliding window on only some layers (max_window_layers="
+            f"{hf.get('max_window_layers')}) is not supported; set use_sliding_window false")
+    return hf.get("sliding_window")
 
 
 def config_to_hf(config: ModelConfig, dtype: torch.dtype) -> dict:
@@ -123,16 +150,18 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype) -> dict:
         "dtype": str(dtype).removeprefix("torch."),
         "use_cache": True,
         "attention_dropout": 0.0,
-        "initializer_range": 0.02,
+        "initializer_range": config.initializer_range,
     }
     if arch == "llama":
         hf.update(attention_bias=config.qkv_bias, mlp_bias=config.mlp_bias, pretraining_tp=1)
-    elif arch == "qwen2":
+    elif arch == "qwen3":
+        hf.update(attention_bias=config.qkv_bias)
+    elif arch == "mistral":
+        hf.update(sliding_window=config.sliding_window)
+    if arch in QWEN_WINDOWED:
         window = config.sliding_window
         hf.update(use_sliding_window=window is not None, sliding_window=window,
                   max_window_layers=0 if window is not None else config.num_hidden_layers)
-    elif arch == "mistral":
-        hf.update(sliding_window=config.sliding_window)
     return hf
 
 
@@ -145,11 +174,14 @@ def _unrepresentable(config: ModelConfig) -> list[str]:
         problems.append(f"norm={config.norm!r} (needs 'rmsnorm')")
     if config.mlp != "swiglu":
         problems.append(f"mlp={config.mlp!r} (needs 'swiglu')")
-    if arch == "llama":
-        if config.qkv_bias != config.o_bias:
-            problems.append("Llama has one attention_bias for q, k, v and o: qkv_bias must equal o_bias")
-        if config.sliding_window is not None:
-            problems.append("Llama has no sliding window")
+    if config.qk_norm != (arch == "qwen3"):
+        problems.append("only Qwen3 has q/k norms, and it always has them (qk_norm)")
+    if arch in ("llama", "qwen3") and config.qkv_bias != config.o_bias:
+        problems.append(f"{arch} has one attention_bias for q, k, v and o: qkv_bias must equal o_bias")
+    if arch == "llama" and config.sliding_window is not None:
+        problems.append("Llama has no sliding window")
+    if arch == "qwen3" and config.mlp_bias:
+        problems.append("Qwen3 has no MLP bias")
     if arch == "qwen2" and (not config.qkv_bias or config.o_bias or config.mlp_bias):
         problems.append("Qwen2 has bias on q, k, v only")
     if arch == "mistral" and (config.qkv_bias or config.o_bias or config.mlp_bias):

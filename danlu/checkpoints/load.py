@@ -115,7 +115,9 @@ def load_pretrained(name: str | os.PathLike | None = None, dtype: str | torch.dt
     if isinstance(source, str):  # a preset: random weights, no tokenizer
         config = get_preset(source)
         torch.manual_seed(seed)
-        model = Transformer(config).to(device=device, dtype=dtype).eval()
+        model = Transformer(config)
+        model.init_weights()  # the published initialisation, not PyTorch's default
+        model = model.to(device=device, dtype=dtype).eval()
         return Pretrained(model, None, config, source)
     if source.is_file():
         return _load_gguf(source, dtype, device, show_progress)

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from danlu.cli.common import add_model_options, load_from_args
+from danlu.cli.common import add_config_argument, add_model_options, add_template_option, load_from_args
 
 
 def add_parser(sub, name):
     parser = sub.add_parser(name, help="OpenAI-compatible API server with continuous batching")
+    add_config_argument(parser)
     add_model_options(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000)
@@ -17,7 +18,7 @@ def add_parser(sub, name):
                         help="the model id clients send (default: the model file or directory name)")
     parser.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
                         help="serve a LoRA adapter as model NAME (repeatable); requests pick it by `model`")
-    parser.add_argument("--template", default=None, help="chat template (default: the model's own)")
+    add_template_option(parser)
     parser.add_argument("--max-batch", "--max_batch", dest="max_batch", type=int, default=16,
                         help="requests decoded together")
     parser.add_argument("--max-queue", "--max_queue", dest="max_queue", type=int, default=64,
@@ -25,6 +26,7 @@ def add_parser(sub, name):
     parser.add_argument("--max-tokens", "--max_tokens", dest="max_tokens", type=int, default=512,
                         help="default max_tokens of chat completions")
     parser.set_defaults(run=run)
+    return parser
 
 
 def parse_loras(items: list[str]) -> dict[str, str]:

@@ -11,7 +11,8 @@ import re
 import shutil
 import sys
 
-from danlu.cli.common import add_model_options, add_sampling_options, load_from_args, sampling_config
+from danlu.cli.common import (add_config_argument, add_model_options, add_sampling_options, load_from_args,
+                              sampling_config)
 from danlu.generation.sampling import GenerationConfig
 
 WELCOME = ("Welcome to danlu chat. Type a message to chat, :h for commands, :q or Ctrl-D to leave.\n"
@@ -36,10 +37,12 @@ _PAIR_START = re.compile(r"\s+(?=[A-Za-z_]\w*=)")
 
 def add_parser(sub, name):
     parser = sub.add_parser(name, help="interactive streaming chat (or one answer with --query)")
+    add_config_argument(parser)
     add_model_options(parser)
     add_sampling_options(parser, GenerationConfig())
     parser.add_argument("--query", "-q", default=None, help="ask one question, stream the answer and exit")
     parser.set_defaults(run=run)
+    return parser
 
 
 class ChatSession:

@@ -1,12 +1,14 @@
 """`danlu generate --input FILE --output OUT.jsonl`: offline batch generation that resumes where it stopped."""
 from __future__ import annotations
 
-from danlu.cli.common import add_model_options, add_sampling_options, load_from_args, sampling_config
+from danlu.cli.common import (add_config_argument, add_model_options, add_sampling_options, load_from_args,
+                              sampling_config)
 from danlu.generation.sampling import GenerationConfig
 
 
 def add_parser(sub, name):
     parser = sub.add_parser(name, help="offline batch generation from a .txt or .jsonl file of prompts")
+    add_config_argument(parser)
     add_model_options(parser)
     parser.add_argument("--input", required=True, help=".txt (one prompt per line) or .jsonl "
                                                        "({'prompt': ...} or {'messages': [...]} per line)")
@@ -15,6 +17,7 @@ def add_parser(sub, name):
     parser.add_argument("--batch_size", type=int, default=8)
     add_sampling_options(parser, GenerationConfig(max_new_tokens=256, temperature=0.0))
     parser.set_defaults(run=run)
+    return parser
 
 
 def run(args) -> int:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Optional
 
 from danlu.cli import api, chat, convert, evaluate, export, fetch, generate, model_info, train, webui
 from danlu.utils.progress import configure_logging
@@ -21,12 +22,15 @@ SUBCOMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(defaults: Optional[dict[str, dict]] = None) -> argparse.ArgumentParser:
+    """The command line's parser; `defaults` maps a subcommand to option defaults (those of its CONFIG.yaml)."""
     parser = argparse.ArgumentParser(prog="danlu", description="丹炉: train, compress, convert and serve LLMs")
     parser.add_argument("--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, module in SUBCOMMANDS.items():
-        module.add_parser(sub, name)
+        command = module.add_parser(sub, name)
+        if defaults and name in defaults:
+            command.set_defaults(**defaults[name])
     return parser
 
 
@@ -34,22 +38,32 @@ def build_parser() -> argparse.ArgumentParser:
 RAW_ARGUMENT_COMMANDS = ("train", "export")
 
 
+def parse_command_line(argv: list[str]) -> argparse.Namespace:
+    if argv and argv[0] in RAW_ARGUMENT_COMMANDS:
+        configure_logging(False)
+        return argparse.Namespace(command=argv[0], verbose=False, argv=argv[1:], run=SUBCOMMANDS[argv[0]].run)
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose)
+    if getattr(args, "config", None) is None:
+        return args
+    from danlu.cli.common import apply_config
+
+    return apply_config(args, lambda defaults: build_parser({args.command: defaults}).parse_args(argv))
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in RAW_ARGUMENT_COMMANDS:
-        args = argparse.Namespace(command=argv[0], verbose=False, argv=argv[1:], run=SUBCOMMANDS[argv[0]].run)
-    else:
-        args = build_parser().parse_args(argv)
-    configure_logging(args.verbose)
     from danlu.checkpoints.errors import CheckpointError
     from danlu.generation.generate import ContextOverflow
     from danlu.training.loop import TrainingStopped
 
+    command = next((a for a in argv if not a.startswith("-")), "")
     try:
+        args = parse_command_line(argv)
         return args.run(args) or 0
     except (CheckpointError, ContextOverflow, TrainingStopped, ValueError, KeyError, FileNotFoundError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"danlu {args.command}: error: {message}", file=sys.stderr)
+        print(f"danlu {command}: error: {message}", file=sys.stderr)
         return 2
 
 

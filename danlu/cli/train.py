@@ -13,7 +13,7 @@ def add_parser(sub, name):
 
 def run(args) -> int:
     from danlu.training.arguments import parse_train_arguments
-    from danlu.training.loop import train
+    from danlu.training.train import train
 
     if not args.argv or args.argv[0] in ("-h", "--help"):
         from danlu.training.arguments import TrainArguments

@@ -4,12 +4,15 @@ from __future__ import annotations
 import os
 
 from danlu.cli.api import parse_loras
-from danlu.cli.common import add_model_options, add_sampling_options, load_from_args, sampling_config
+from danlu.cli.common import (add_config_argument, add_model_options, add_sampling_options, load_from_args,
+                              sampling_config)
 from danlu.generation.sampling import GenerationConfig
 
 
 def add_parser(sub, name):
-    parser = sub.add_parser(name, help="chat in the browser (gradio), choosing a LoRA adapter per answer")
+    parser = sub.add_parser(name, help="chat in the browser (gradio), choosing a LoRA adapter per answer "
+                                       "(LLaMA-Factory's webchat)")
+    add_config_argument(parser)
     add_model_options(parser)
     parser.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
                         help="offer a LoRA adapter as NAME in the page's adapter choice (repeatable)")

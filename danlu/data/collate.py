@@ -1,4 +1,4 @@
-"""Batches for causal-LM training: right padding, labels -100 on padding, shifted inside the loss."""
+"""Batches for causal-LM training: right padding, labels -100 on padding (danlu.training.losses shifts them)."""
 from __future__ import annotations
 
 import torch
@@ -24,14 +24,3 @@ def collate(examples: list[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:
         batch["document_ids"] = document_ids
     return batch
 
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Mean cross-entropy of each position predicting the next label; and how many labels counted.
-
-    The labels are shifted, not the logits: slicing the logits would copy them (and their gradient).
-    """
-    shift_labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
-    count = int((shift_labels != IGNORE_INDEX).sum())
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), shift_labels,
-                                             ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss / max(count, 1), count

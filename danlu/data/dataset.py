@@ -9,6 +9,7 @@ from typing import Optional
 from danlu.data.files import DataError, ReadReport, read_records
 from danlu.data.formats import find_spec, load_dataset_info, to_example
 from danlu.data.supervised import Tokenized, TokenizeReport, tokenize_example
+from danlu.tokenization.chat import TemplateChoice
 
 
 @dataclass
@@ -29,7 +30,7 @@ def validation_count(val_size: float, total: int, unit: str) -> int:
     return n_eval
 
 
-def prepare_sft_data(tokenizer, dataset_dir: str, names: list[str], template: Optional[str], cutoff_len: int,
+def prepare_sft_data(tokenizer, dataset_dir: str, names: list[str], template: TemplateChoice, cutoff_len: int,
                      max_samples: Optional[int] = None, val_size: float = 0.0, seed: int = 42,
                      train_on_prompt: bool = False, skip_bad_lines: bool = False) -> PreparedData:
     specs = load_dataset_info(Path(dataset_dir))

@@ -6,10 +6,11 @@ so a model trained here answers the same way in `danlu chat`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Optional
 
 from danlu.data.formats import Example
-from danlu.tokenization.chat import render_chat
+from danlu.tokenization.chat import TemplateChoice, encode_pieces, render_chat, render_pieces
 
 IGNORE_INDEX = -100
 
@@ -27,32 +28,40 @@ class TokenizeReport:
     dropped: int = 0  # nothing left to learn after truncation
 
 
-def answer_spans(tokenizer, example: Example, template: Optional[str]) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans of each assistant answer (with its end marker)."""
-    text = render_chat(tokenizer, example.messages, template, example.system, add_generation_prompt=False)
+def answer_spans(tokenizer, example: Example, template: TemplateChoice) -> tuple[list[str], list[tuple[int, int]]]:
+    """The conversation in LLaMA-Factory's encoding pieces and the character spans, in their concatenation, of
+    each assistant answer (with its end marker)."""
+    def render(messages, add_generation_prompt):
+        return render_chat(tokenizer, messages, template, example.system, add_generation_prompt, for_training=True)
+
+    pieces = render_pieces(tokenizer, example.messages, template, example.system, add_generation_prompt=False,
+                           for_training=True)
+    text = "".join(pieces)
     spans = []
     for i, message in enumerate(example.messages):
         if message["role"] != "assistant":
             continue
-        before = render_chat(tokenizer, example.messages[:i], template, example.system, add_generation_prompt=True)
-        through = render_chat(tokenizer, example.messages[:i + 1], template, example.system,
-                              add_generation_prompt=False)
+        before = render(example.messages[:i], add_generation_prompt=True)
+        through = render(example.messages[:i + 1], add_generation_prompt=False)
         if not text.startswith(through) or not through.startswith(before):
             raise ValueError(f"{example.source}: the chat template does not render turns as a growing prefix, "
                              f"so answers cannot be located; choose another --template")
         spans.append((len(before), len(through)))
-    return text, spans
+    return pieces, spans
 
 
-def tokenize_example(tokenizer, example: Example, template: Optional[str], cutoff_len: int,
+def tokenize_example(tokenizer, example: Example, template: TemplateChoice, cutoff_len: int,
                      train_on_prompt: bool = False, report: Optional[TokenizeReport] = None) -> Optional[Tokenized]:
-    text, spans = answer_spans(tokenizer, example, template)
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
-    labels = []
-    for token, (start, end) in zip(ids, offsets):
-        in_answer = any(s <= start < e for s, e in spans) and end > start
-        labels.append(token if (in_answer or train_on_prompt) else IGNORE_INDEX)
+    """Token ids and labels as LLaMA-Factory's supervised processor makes them: each piece encoded on its own
+    (render_pieces; a model's own template is cut only around answers), answers learned."""
+    pieces, spans = answer_spans(tokenizer, example, template)
+    text = "".join(pieces)
+    cuts = sorted({0, len(text), *accumulate(len(piece) for piece in pieces), *(b for span in spans for b in span)})
+    ids, labels = [], []
+    for start, piece_ids in zip(cuts, encode_pieces(tokenizer, [text[a:b] for a, b in zip(cuts, cuts[1:])])):
+        learned = train_on_prompt or any(s <= start < e for s, e in spans)
+        ids += piece_ids
+        labels += piece_ids if learned else [IGNORE_INDEX] * len(piece_ids)
     if len(ids) > cutoff_len:
         ids, labels = ids[:cutoff_len], labels[:cutoff_len]
         if report is not None:

@@ -11,7 +11,7 @@ from typing import Any, Optional
 NORMS = ("rmsnorm", "layernorm")
 MLPS = ("swiglu", "gelu")
 ROPE_TYPES = ("default", "linear", "llama3")
-ARCHITECTURES = ("llama", "qwen2", "mistral", "custom")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "custom")
 
 
 class ConfigError(ValueError):
@@ -33,11 +33,13 @@ class ModelConfig:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
+    qk_norm: bool = False  # RMSNorm over head_dim on each query and key head, before RoPE (Qwen3)
     rope_theta: float = 10000.0
     rope_scaling: Optional[dict] = None  # {"rope_type": "linear"|"llama3", "factor": ..., ...}
     tie_word_embeddings: bool = False
     sliding_window: Optional[int] = None
     max_position_embeddings: int = 4096
+    initializer_range: float = 0.02  # std of the normal initialisation of linear and embedding weights
     architecture: str = "llama"  # which Hugging Face family export writes
     bos_token_id: Optional[int] = None
     eos_token_id: Any = None  # int or list of ints
@@ -74,6 +76,8 @@ class ModelConfig:
             raise ConfigError(f"rope_theta must be positive, got {self.rope_theta}")
         if self.norm_eps <= 0:
             raise ConfigError(f"norm_eps must be positive, got {self.norm_eps}")
+        if self.initializer_range <= 0:
+            raise ConfigError(f"initializer_range must be positive, got {self.initializer_range}")
         if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
             raise ConfigError(f"sliding_window must be a positive integer or None, got {self.sliding_window!r}")
         if self.rope_scaling is not None:

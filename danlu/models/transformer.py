@@ -1,11 +1,17 @@
 """The decoder-only transformer. One class for every family; the family is a ModelConfig.
 
 Module names match Hugging Face's Llama (model.layers.N.self_attn.q_proj, mlp.gate_proj, lm_head, ...),
-so Llama, Qwen2, Mistral and SmolLM2 checkpoints load without renaming.
+so Llama, Qwen2, Qwen3, Mistral and SmolLM2 checkpoints load without renaming.
+
+The model is ready for parallelism applied from outside:
+* tensor parallel: attention takes its head counts from the tensors, so a shard holding a slice of the
+  q/k/v/gate/up rows and the matching slice of the o/down columns (danlu.models.roles) runs unchanged;
+* pipeline parallel: a stage is the same class built with a range of layers and without the embedding
+  and/or the final norm and head (`pipeline_stage`).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -34,31 +40,40 @@ def make_norm(config: ModelConfig) -> nn.Module:
     return nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
 
 
+def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """[batch, seq, heads * head_dim] -> [batch, heads, seq, head_dim], however many heads x holds."""
+    batch, seq, _ = x.shape
+    return x.view(batch, seq, -1, head_dim).transpose(1, 2)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        self.n_heads = config.num_attention_heads
-        self.n_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
-        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=config.o_bias)
+        q_size = config.num_attention_heads * config.head_dim
+        kv_size = config.num_key_value_heads * config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, q_size, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_size, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_size, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.o_bias)
+        # Qwen3: each query and key head is normalised over head_dim before RoPE.
+        self.q_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else nn.Identity()
 
     def forward(self, x, cos, sin, mask: Optional[torch.Tensor], kv_cache=None) -> torch.Tensor:
         batch, seq, _ = x.shape
-        q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_norm(split_heads(self.q_proj(x), self.head_dim))
+        k = self.k_norm(split_heads(self.k_proj(x), self.head_dim))
+        v = split_heads(self.v_proj(x), self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)
         # mask None means plain causal attention over keys that all precede or equal the queries.
         is_causal = mask is None and seq > 1
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                             enable_gqa=self.n_kv_heads != self.n_heads)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim))
+                                             enable_gqa=q.shape[1] != k.shape[1])
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
 class MLP(nn.Module):
@@ -79,6 +94,7 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
+        self.layer_idx = layer_idx  # the KV cache slot, and the block's name in Layers
         self.input_layernorm = make_norm(config)
         self.self_attn = Attention(config, layer_idx)
         self.post_attention_layernorm = make_norm(config)
@@ -89,29 +105,81 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class Decoder(nn.Module):
-    """The body: embeddings, blocks and final norm (Hugging Face's `model.` prefix)."""
+class Layers(nn.Module):
+    """The blocks, each registered under its layer index in the whole model (`model.layers.5.`).
 
-    def __init__(self, config: ModelConfig):
+    So a pipeline stage holding layers 4-7 keeps the parameter names and KV cache slots of the whole
+    model. Iterating yields the blocks in order; len() and indexing by position work as on a ModuleList.
+    """
+
+    def __init__(self, blocks: Iterable[Block]):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
-        self.norm = make_norm(config)
+        for block in blocks:
+            self.add_module(str(block.layer_idx), block)
+
+    def __iter__(self) -> Iterator[Block]:
+        return iter(self._modules.values())
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __getitem__(self, position: int) -> Block:
+        return list(self._modules.values())[position]
+
+
+class Decoder(nn.Module):
+    """The body (Hugging Face's `model.` prefix): embeddings, blocks and final norm.
+
+    In a pipeline stage the embedding and the norm may be absent (None).
+    """
+
+    def __init__(self, config: ModelConfig, layers: range, embed: bool = True, norm: bool = True):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size) if embed else None
+        self.layers = Layers(Block(config, i) for i in layers)
+        self.norm = make_norm(config) if norm else None
 
 
 class Transformer(nn.Module):
-    def __init__(self, config: ModelConfig):
+    """The whole model, or one pipeline stage of it.
+
+    layers: which layer indices this module holds (default: all).
+    embed=False: no token embedding; forward takes hidden states [batch, seq, hidden] instead of token ids.
+    head=False: no final norm and no lm_head; forward returns the hidden states after the last layer.
+    """
+
+    def __init__(self, config: ModelConfig, layers: Optional[range] = None, embed: bool = True,
+                 head: bool = True):
         super().__init__()
         self.config = config
-        self.model = Decoder(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        layers = range(config.num_hidden_layers) if layers is None else layers
+        check_layer_range(layers, config.num_hidden_layers)
+        self.model = Decoder(config, layers, embed=embed, norm=head)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False) if head else None
+        self.tie_weights()
         self._inv_freq: Optional[torch.Tensor] = None
 
     def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
+        # A stage with the head but not the embedding keeps its own copy of the tied matrix.
+        if self.config.tie_word_embeddings and self.model.embed_tokens is not None and self.lm_head is not None:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Hugging Face's initialisation, in place: linear and embedding weights from
+        normal(0, config.initializer_range), biases zero, norm weights one; the tied head stays tied.
+
+        Call it before transforms (LoRA, quantization) that add modules of their own.
+        """
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, (RMSNorm, nn.LayerNorm)):
+                nn.init.ones_(module.weight)
+            if isinstance(module, (nn.Linear, nn.LayerNorm)) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        self.tie_weights()  # moving a model off the meta device (to_empty) unties it
 
     def rope_inverse_frequencies(self, device: torch.device) -> torch.Tensor:
         # Kept off the module's buffers so that meta-device construction and loading never touch it.
@@ -131,31 +199,50 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """Logits [batch, seq, vocab] (or [batch, 1, vocab] with last_only).
 
+        input_ids are token ids [batch, seq], or hidden states [batch, seq, hidden] for a stage built
+        without the embedding; a stage without the head returns hidden states.
         attention_mask [batch, past + seq] marks real tokens with 1 and padding with 0 (left padding).
         document_ids [batch, seq] (training on packed rows): tokens attend only within their own document,
         whose positions start again at 0; id 0 is padding.
         """
-        batch, seq = input_ids.shape
+        seq = input_ids.shape[1]
         past = kv_cache.length if kv_cache is not None else 0
-        if document_ids is not None:
-            position_ids = packed_position_ids(document_ids)
-            mask = packed_attention_mask(document_ids, self.config.sliding_window)
-        else:
-            mask = attention_bias_mask(attention_mask, past, seq, self.config.sliding_window, input_ids.device)
-        if position_ids is None:
-            position_ids = default_position_ids(attention_mask, past, seq, input_ids.device)
-        x = self.model.embed_tokens(input_ids)
+        mask, position_ids = self._mask_and_positions(attention_mask, position_ids, document_ids, past, seq,
+                                                      input_ids.device)
+        x = self.model.embed_tokens(input_ids) if self.model.embed_tokens is not None else input_ids
         cos, sin = rope_cos_sin(self.rope_inverse_frequencies(x.device), position_ids, x.dtype)
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(seq)
-        x = self.model.norm(x)
-        if return_hidden:
+        if self.model.norm is not None:
+            x = self.model.norm(x)
+        if return_hidden or self.lm_head is None:
             return x
         if last_only:
             x = x[:, -1:]
         return self.lm_head(x)
+
+    def _mask_and_positions(self, attention_mask, position_ids, document_ids, past: int, seq: int, device):
+        if document_ids is not None:
+            return (packed_attention_mask(document_ids, self.config.sliding_window),
+                    packed_position_ids(document_ids))
+        mask = attention_bias_mask(attention_mask, past, seq, self.config.sliding_window, device)
+        if position_ids is None:
+            position_ids = default_position_ids(attention_mask, past, seq, device)
+        return mask, position_ids
+
+
+def check_layer_range(layers: range, num_layers: int) -> None:
+    if not isinstance(layers, range) or layers.step != 1 or not 0 <= layers.start <= layers.stop <= num_layers:
+        raise ValueError(f"layers must be a range of consecutive layer indices within 0..{num_layers}, "
+                         f"got {layers!r}")
+
+
+def pipeline_stage(config: ModelConfig, layers: range) -> Transformer:
+    """The pipeline stage holding `layers`: with the embedding if it starts at layer 0, with the final
+    norm and lm_head if it ends at the last layer. Chained, the stages compute the whole model."""
+    return Transformer(config, layers, embed=layers.start == 0, head=layers.stop == config.num_hidden_layers)
 
 
 def default_position_ids(attention_mask, past: int, seq: int, device) -> torch.Tensor:

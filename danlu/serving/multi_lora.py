@@ -1,5 +1,9 @@
 """Several LoRA adapters beside one base model, chosen per batch row, so requests for different
-adapters decode in the same batch (one adapter per user, stored apart, as the LoRA article describes)."""
+adapters decode in the same batch (one adapter per user, stored apart, as the LoRA article describes).
+
+A per-request adapter wraps whatever sits at the layer's name: a plain or quantized linear, or a layer that
+already carries an adapter for every request (`--adapter`, unmerged), so a row asking for `b` gets
+base + that adapter + b, and a row asking for none gets base + that adapter."""
 from __future__ import annotations
 
 from typing import Optional
@@ -7,8 +11,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from danlu.checkpoints.adapters import read_peft_adapter
+from danlu.checkpoints.adapters import read_adapter
 from danlu.checkpoints.errors import CheckpointError
+from danlu.tuning.lora import check_adapter_fits
+from danlu.tuning.surgery import LinearWrapper, replace_module
 
 
 class RowAdapters:
@@ -25,15 +31,14 @@ class RowAdapters:
         self.groups = {name: torch.tensor(index) for name, index in rows.items()}
 
 
-class MultiLoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear, rows: RowAdapters):
-        super().__init__()
-        self.base_layer = base
+class MultiLoRALinear(LinearWrapper):
+    def __init__(self, base: nn.Module, rows: RowAdapters):
+        super().__init__(base)
         self.rows = rows
         self.adapters: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
 
     def add(self, name: str, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
-        w = self.base_layer.weight
+        w = self.weight
         self.adapters[name] = (a.to(w.device, w.dtype), b.to(w.device, w.dtype), scaling)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -64,28 +69,22 @@ class MultiLoRA:
         return multi
 
     def add(self, name: str, path: str) -> None:
-        config, state = read_peft_adapter(path)
-        whole = [k for k in state if ".lora_A." not in k and ".lora_B." not in k]
-        if whole:
-            raise CheckpointError(f"{path}: the adapter also replaces whole weights ({whole[0]}, from "
+        if name in self.names:
+            raise ValueError(f"an adapter named {name!r} is already served")
+        adapter = read_adapter(path)
+        if adapter.saved_state:
+            whole = next(iter(adapter.saved_state))
+            raise CheckpointError(f"{path}: the adapter also replaces whole weights ({whole}, from "
                                   f"additional_target); such an adapter cannot be chosen per request: merge it "
                                   f"with `danlu export` and serve the result")
-        scaling = float(config["lora_alpha"]) / int(config["r"])
-        modules = {key.rsplit(".", 2)[0] for key in state}
-        for module_name in sorted(modules):
-            try:
-                module = self.model.get_submodule(module_name)
-            except AttributeError:
-                raise CheckpointError(f"{path}: adapter targets {module_name!r}, which this model lacks") from None
-            if isinstance(module, nn.Linear):
-                parent_name, _, child = module_name.rpartition(".")
+        check_adapter_fits(self.model, adapter, path)  # before any layer changes
+        for module_name in adapter.modules():
+            module = self.model.get_submodule(module_name)  # the outermost of what wraps the linear, if any
+            if not isinstance(module, MultiLoRALinear):
                 module = MultiLoRALinear(module, self.rows)
-                setattr(self.model.get_submodule(parent_name), child, module)
-            a, b = state[f"{module_name}.lora_A.weight"], state[f"{module_name}.lora_B.weight"]
-            if a.shape[1] != module.base_layer.in_features or b.shape[0] != module.base_layer.out_features:
-                raise CheckpointError(f"{path}: {module_name} adapter shapes {tuple(a.shape)}, {tuple(b.shape)} "
-                                      f"do not fit the layer")
-            module.add(name, a, b, scaling)
+                replace_module(self.model, module_name, module)
+            module.add(name, adapter.lora_state[f"{module_name}.lora_A.weight"],
+                       adapter.lora_state[f"{module_name}.lora_B.weight"], adapter.config.scaling)
         self.names.append(name)
 
     def set_rows(self, names: list[Optional[str]]) -> None:

@@ -8,11 +8,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
+
+from danlu.utils.progress import logger
 
 STAGES = ("sft", "pt")
 FINETUNING_TYPES = ("lora", "freeze", "full")
@@ -25,13 +27,36 @@ class ArgumentError(ValueError):
     """A training argument is unknown or has a value it cannot take."""
 
 
+def ignored(default: Any, why: str):
+    """A LLaMA-Factory key that danlu accepts but that changes nothing here; setting it says so, once."""
+    return field(default=default, metadata={"ignored": why})
+
+
+_SAID_IGNORED: set[tuple[str, str]] = set()
+
+
+def _say_ignored(cls, given: dict[str, Any]) -> None:
+    for f in dataclasses.fields(cls):
+        why = f.metadata.get("ignored")
+        if why and f.name in given and given[f.name] != f.default and (cls.__name__, f.name) not in _SAID_IGNORED:
+            _SAID_IGNORED.add((cls.__name__, f.name))
+            logger.warning("%s: %r is accepted for LLaMA-Factory compatibility and ignored: %s", f.name,
+                           given[f.name], why)
+
+
 @dataclass
 class TrainArguments:
     # model
     model_name_or_path: Optional[str] = None  # None: the bundled SmolLM2-135M-Instruct
     adapter_name_or_path: Optional[str] = None
     template: Optional[str] = None
+    default_system: Optional[str] = None  # replaces the template's default system prompt
+    enable_thinking: bool = True  # reasoning templates (qwen3): train answers with their thoughts
+    preserve_thinking: bool = False
     flash_attn: str = "auto"
+    trust_remote_code: bool = ignored(False, "danlu runs no code from a checkpoint; its one model covers the "
+                                             "families it reads")
+    train_from_scratch: bool = False  # keep the architecture and tokenizer, start from init_weights()
     # method
     stage: str = "sft"
     do_train: bool = True
@@ -54,8 +79,10 @@ class TrainArguments:
     val_size: float = 0.0
     packing: Optional[bool] = None
     train_on_prompt: bool = False
-    overwrite_cache: bool = False
-    preprocessing_num_workers: Optional[int] = None
+    overwrite_cache: bool = ignored(False, "danlu's token cache is keyed by the files' contents and the "
+                                           "tokenizer, so a stale cache is never read")
+    preprocessing_num_workers: Optional[int] = ignored(None, "data is tokenized in the main process")
+    dataloader_num_workers: int = ignored(0, "batches are collated in the main process")
     skip_bad_lines: bool = False
     # optimisation
     learning_rate: float = 5e-5
@@ -90,8 +117,11 @@ class TrainArguments:
     logging_steps: int = 10
     report_to: str = "none"
     plot_loss: bool = False
-    ddp_timeout: Optional[int] = None
+    ddp_timeout: Optional[int] = ignored(None, "a single process makes no process group")
     include_num_input_tokens_seen: bool = False
+    save_only_model: bool = ignored(False, "checkpoints always keep the optimizer and scheduler state, "
+                                           "so that any of them can be resumed")
+    loss_chunk_size: int = 0  # > 0: the head and cross-entropy run this many labelled tokens at a time
 
     def __post_init__(self) -> None:
         if self.evaluation_strategy is not None:
@@ -132,16 +162,30 @@ class TrainArguments:
             raise ArgumentError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.fp16 and self.bf16:
             raise ArgumentError("fp16 and bf16 are both set; choose one")
+        if self.loss_chunk_size < 0:
+            raise ArgumentError(f"loss_chunk_size must be 0 (off) or positive, got {self.loss_chunk_size}")
         if self.load_best_model_at_end and self.eval_strategy == "no":
             raise ArgumentError("load_best_model_at_end needs eval_strategy steps or epoch (and val_size > 0)")
 
     @property
     def lora_targets(self) -> list[str]:
-        return [t.strip() for t in self.lora_target.split(",") if t.strip()]
+        return _names(self.lora_target)
 
     @property
     def dataset_names(self) -> list[str]:
-        return [d.strip() for d in (self.dataset or "").split(",") if d.strip()]
+        return _names(self.dataset)
+
+    @property
+    def eval_dataset_names(self) -> list[str]:
+        return _names(self.eval_dataset)
+
+    @property
+    def additional_targets(self) -> list[str]:
+        return _names(self.additional_target)
+
+
+def _names(text: Optional[str]) -> list[str]:
+    return [name.strip() for name in (text or "").split(",") if name.strip()]
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:
@@ -206,7 +250,9 @@ def parse_arguments(argv: list[str], cls):
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ArgumentError(f"unknown argument {key!r}{hint}")
     converted = {k: _convert(k, v, types[k]) for k, v in values.items()}
-    return cls(**converted)
+    parsed = cls(**converted)
+    _say_ignored(cls, converted)
+    return parsed
 
 
 def read_yaml_config(path: str) -> dict:

@@ -17,8 +17,10 @@ from typing import Optional
 import torch
 
 from danlu.utils.atomic import atomic_directory
+from danlu.utils.progress import logger
 
 STATE_NAME = "trainer_state.json"
+TRAINABLE_NAME = "trainable.safetensors"
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)$")
 
 
@@ -31,14 +33,52 @@ class TrainerState:
     best_checkpoint: Optional[str] = None
     tokens_seen: int = 0
 
+    def is_new_best(self, eval_loss: float) -> bool:
+        """Record an evaluation; True when it is the best so far (its checkpoint is then this step's)."""
+        if self.best_eval_loss is not None and eval_loss >= self.best_eval_loss:
+            return False
+        self.best_eval_loss, self.best_checkpoint = eval_loss, f"checkpoint-{self.global_step}"
+        return True
 
-def save_checkpoint(output_dir: Path, state: TrainerState, trainable: dict[str, torch.Tensor],
-                    optimizer, scheduler, save_total_limit: Optional[int] = None) -> Path:
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights that train, by name: what a checkpoint keeps of the model (the one place that decides it,
+    so that sharded training can gather its shards here)."""
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable(model: torch.nn.Module, directory: Path) -> None:
+    """Put a checkpoint's trainable weights back into the model."""
+    from safetensors.torch import load_file
+
+    saved = load_file(str(Path(directory) / TRAINABLE_NAME))
+    params = dict(model.named_parameters())
+    missing = [name for name in trainable_state(model) if name not in saved]
+    if missing:
+        raise ValueError(f"{directory}: the checkpoint does not hold {missing[:3]}: it was saved by a different "
+                         f"finetuning setup")
+    with torch.no_grad():
+        for name in trainable_state(model):
+            params[name].copy_(saved[name])
+
+
+def load_best(model: torch.nn.Module, output_dir: Path, state: TrainerState) -> None:
+    """Put the weights of the best evaluation (state.best_checkpoint) back into the model."""
+    load_trainable(model, Path(output_dir) / state.best_checkpoint)
+    logger.info("loaded the best model (eval loss %.4f) from %s", state.best_eval_loss, state.best_checkpoint)
+
+
+def save_checkpoint(output_dir: Path, state: TrainerState, model: torch.nn.Module, optimizer, scheduler,
+                    save_total_limit: Optional[int] = None, topology=None) -> Path:
+    """checkpoint-N in output_dir, complete or absent; only the main rank writes."""
     from safetensors.torch import save_file
 
     target = Path(output_dir) / f"checkpoint-{state.global_step}"
+    if topology is not None and not topology.is_main:
+        return target
     with atomic_directory(target) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+        save_file({k: v.contiguous().cpu() for k, v in trainable_state(model).items()},
+                  str(tmp / TRAINABLE_NAME))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
         torch.save(rng_state(), tmp / "rng_state.pt")
         (tmp / STATE_NAME).write_text(json.dumps(asdict(state), indent=2), encoding="utf-8")
@@ -50,17 +90,17 @@ def save_checkpoint(output_dir: Path, state: TrainerState, trainable: dict[str, 
     return target
 
 
-def load_checkpoint(directory: Path, optimizer, scheduler) -> tuple[TrainerState, dict[str, torch.Tensor]]:
-    from safetensors.torch import load_file
-
+def load_checkpoint(directory: Path, model: torch.nn.Module, optimizer, scheduler) -> TrainerState:
+    """Restore the model's trainable weights, optimizer, scheduler and RNG; returns the trainer state."""
     directory = Path(directory)
     state = TrainerState(**json.loads((directory / STATE_NAME).read_text(encoding="utf-8")))
-    trainable = load_file(str(directory / "trainable.safetensors"))
+    load_trainable(model, directory)
     saved = torch.load(directory / "optimizer.pt", weights_only=True)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     set_rng_state(torch.load(directory / "rng_state.pt", weights_only=True))
-    return state, trainable
+    logger.info("resumed from %s at step %d", directory, state.global_step)
+    return state
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:

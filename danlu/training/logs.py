@@ -3,21 +3,29 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
-from danlu.utils.progress import logger
+from danlu.utils.progress import logger, progress
 
 LOG_NAME = "trainer_log.jsonl"
 
 
 class TrainingLog:
-    def __init__(self, output_dir: Path, report_to: str = "none", resume: bool = False):
+    """What a run reports. On ranks other than the main one (enabled=False) nothing is written."""
+
+    def __init__(self, output_dir: Path, report_to: str = "none", resume: bool = False, enabled: bool = True,
+                 include_tokens_seen: bool = False):
         self.output_dir = Path(output_dir)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.output_dir / LOG_NAME
+        self.enabled, self.include_tokens_seen = enabled, include_tokens_seen
+        self.tensorboard = None
+        self._window_start()
+        if not enabled:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
         if not resume and self.path.exists():
             self.path.unlink()
-        self.tensorboard = None
         if report_to in ("tensorboard", "all"):
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -26,7 +34,43 @@ class TrainingLog:
                     from None
             self.tensorboard = SummaryWriter(str(self.output_dir / "runs"))
 
+    def start_progress(self, total_steps: int, done: int) -> None:
+        self.bar = progress(total=total_steps, desc="Training", unit="step", disable=not self.enabled)
+        self.bar.update(done)
+
+    def close_progress(self) -> None:
+        self.bar.close()
+
+    def _window_start(self) -> None:
+        self.loss, self.steps, self.tokens, self.metrics, self.started = 0.0, 0, 0, {}, time.perf_counter()
+
+    def add_step(self, loss: float, outputs: list) -> None:
+        """One optimizer step (the StepOutputs of its micro-batches) into the logging window."""
+        self.loss, self.steps = self.loss + loss, self.steps + 1
+        self.tokens += sum(out.n_tokens for out in outputs)
+        for out in outputs:
+            for key, value in out.metrics.items():
+                self.metrics[key] = self.metrics.get(key, 0.0) + float(value) / len(outputs)
+        self.bar.update(1)
+
+    def write_window(self, state, lr: float, epoch: float, device) -> dict:
+        """Write the means of the window's steps (loss, metrics), its throughput and memory; start a new one."""
+        steps = max(self.steps, 1)
+        record = {"step": state.global_step, "loss": self.loss / steps, "lr": lr, "epoch": epoch,
+                  **{k: v / steps for k, v in self.metrics.items()},
+                  "tokens_per_s": self.tokens / max(time.perf_counter() - self.started, 1e-9),
+                  "memory_gib": memory_gib(device)}
+        if self.include_tokens_seen:
+            record["num_input_tokens_seen"] = state.tokens_seen
+        self.write(record)
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                             tok_s=f"{record['tokens_per_s']:.0f}", mem=f"{record['memory_gib']:.2f}G")
+        self._window_start()
+        return record
+
     def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
@@ -34,7 +78,7 @@ class TrainingLog:
         if self.tensorboard is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
-                    self.tensorboard.add_scalar(f"train/{key}" if key != "eval_loss" else "eval/loss", value,
+                    self.tensorboard.add_scalar(f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}", value,
                                                 record["step"])
 
     def records(self) -> list[dict]:
@@ -43,6 +87,8 @@ class TrainingLog:
         return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
     def finish(self, plot: bool) -> None:
+        if not self.enabled:
+            return
         if self.tensorboard is not None:
             self.tensorboard.close()
         if plot:

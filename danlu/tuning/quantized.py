@@ -13,7 +13,7 @@ layers as it wraps any linear, and only the adapters train, as in QLoRA.
 * **int8** (bits=8): one absmax per output row (LLM.int8()'s vector-wise scale), codes round(w * 127 / absmax).
 
 The layer subclasses nn.Linear (without an nn.Linear weight parameter), so everything that looks for linear
-layers, `danlu.tuning.lora.linear_module_names` included, finds it; `.weight` is a property that returns the
+layers, `danlu.tuning.surgery.base_linears` included, finds it; `.weight` is a property that returns the
 dequantized weight, and assigning to it quantizes again (which is how LoRALinear.merge folds an adapter in).
 The backward pass dequantizes again rather than keeping a float copy of each weight alive for it.
 """
@@ -25,6 +25,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from danlu.tuning.surgery import base_linears, replace_module
 
 ALLOWED_BITS = (4, 8)
 NF4_BLOCK_SIZE = 64  # QLoRA's block size for the weights
@@ -265,44 +267,36 @@ def check_bits(bits: int) -> None:
         raise ValueError(f"quantization bits must be one of {ALLOWED_BITS} (4 = NF4, 8 = int8), got {bits!r}")
 
 
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
 def quantize_model(model: nn.Module, bits: int, skip: tuple[str, ...] = ("lm_head",),
                    block_size: int = NF4_BLOCK_SIZE, double_quant: bool = True) -> list[str]:
-    """Replace every nn.Linear (but names ending with a `skip` entry and LoRA's lora_A/lora_B) with a frozen
-    QuantizedLinear, in place; returns the replaced names. bits: 4 = NF4 (blockwise, optional double
-    quantization), 8 = int8 per output row. A layer already wrapped by LoRA has its base_layer quantized."""
+    """Replace every plain nn.Linear of the model (but those whose name ends with a `skip` entry) with a frozen
+    QuantizedLinear, in place; returns where they sit. bits: 4 = NF4 (blockwise, optional double
+    quantization), 8 = int8 per output row. A layer wrapped by LoRA has its base_layer quantized, its
+    adapters never."""
     check_bits(bits)
     skip = tuple(skip)
-    names = [name for name, m in model.named_modules()
-             if type(m) is nn.Linear and name
-             and not name.endswith(("lora_A", "lora_B"))
-             and not (skip and name.removesuffix(".base_layer").endswith(skip))]
-    for name in names:
-        _replace(model, name, QuantizedLinear.from_linear(model.get_submodule(name), bits, block_size,
-                                                          double_quant))
-    return names
+    chosen = [linear for linear in base_linears(model)
+              if type(linear.module) is nn.Linear and not (skip and linear.name.endswith(skip))]
+    for linear in chosen:
+        replace_module(model, linear.path, QuantizedLinear.from_linear(linear.module, bits, block_size, double_quant))
+    return [linear.path for linear in chosen]
 
 
 def dequantize_model(model: nn.Module) -> list[str]:
     """Turn every QuantizedLinear back into an nn.Linear holding its dequantized weight (for merging and
-    export); returns the names."""
-    names = [name for name, m in model.named_modules() if isinstance(m, QuantizedLinear)]
-    for name in names:
-        q = model.get_submodule(name)
-        linear = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None,
-                           device=q.qweight.device, dtype=q.compute_dtype)
+    export); returns where they sit."""
+    chosen = [linear for linear in base_linears(model) if isinstance(linear.module, QuantizedLinear)]
+    for linear in chosen:
+        q = linear.module
+        plain = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None,
+                          device=q.qweight.device, dtype=q.compute_dtype)
         with torch.no_grad():
-            linear.weight.copy_(q.dequantize())
+            plain.weight.copy_(q.dequantize())
             if q.bias is not None:
-                linear.bias.copy_(q.bias)
-        linear.requires_grad_(False)
-        _replace(model, name, linear)
-    return names
+                plain.bias.copy_(q.bias)
+        plain.requires_grad_(False)
+        replace_module(model, linear.path, plain)
+    return [linear.path for linear in chosen]
 
 
 def quantized_modules(model: nn.Module) -> dict[str, QuantizedLinear]:
@@ -313,9 +307,7 @@ def linear_weight_bytes(model: nn.Module) -> int:
     """Bytes taken by the weights of the model's linear layers (LoRA adapters excluded) as stored:
     codes and scales for a QuantizedLinear, the weight tensor for a plain nn.Linear. Biases not counted."""
     total = 0
-    for name, m in model.named_modules():
-        if isinstance(m, QuantizedLinear):
-            total += m.storage_bytes()
-        elif isinstance(m, nn.Linear) and not name.endswith(("lora_A", "lora_B")):
-            total += m.weight.numel() * m.weight.element_size()
+    for linear in base_linears(model):
+        m = linear.module
+        total += m.storage_bytes() if isinstance(m, QuantizedLinear) else m.weight.numel() * m.weight.element_size()
     return total

@@ -46,3 +46,21 @@ def atomic_directory(target: Path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_files(target: Path):
+    """Yield a temporary directory whose files, once it is complete, are moved into the directory `target`
+    one rename each, beside what `target` already holds (a run's final model next to its checkpoints)."""
+    target = Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target, prefix=".staged.", suffix=".tmp"))
+    try:
+        yield tmp
+        for item in sorted(tmp.iterdir()):
+            destination = target / item.name
+            if destination.is_dir() and not destination.is_symlink():
+                shutil.rmtree(destination)
+            os.replace(item, destination)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

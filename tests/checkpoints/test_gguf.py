@@ -31,23 +31,29 @@ def write_tiny_gguf(path, hf, arch="llama"):
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
     writer.add_rope_freq_base(10000.0)
     writer.add_vocab_size(c.vocab_size)
+    if arch == "qwen3":  # llama.cpp writes Qwen3's head_dim (128, not hidden / heads) as the key length
+        writer.add_key_length(c.head_dim)
+        writer.add_value_length(c.head_dim)
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
              "lm_head.weight": "output.weight"}
     layer = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
              "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
              "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
              "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
-             "mlp.down_proj.weight": "ffn_down.weight"}
+             "mlp.down_proj.weight": "ffn_down.weight",
+             "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight"}
     for name, tensor in hf.state_dict().items():
+        if name == "lm_head.weight" and c.tie_word_embeddings:
+            continue  # llama.cpp writes no output matrix for a tied head
         array = tensor.numpy().astype(np.float32)
         if name in names:
             target = names[name]
         else:
             parts = name.split(".")
             target = f"blk.{parts[2]}.{layer['.'.join(parts[3:])]}"
-        if name.endswith("q_proj.weight"):
+        if arch == "llama" and name.endswith("q_proj.weight"):
             array = _llama_cpp_permute(array, c.num_attention_heads)
-        if name.endswith("k_proj.weight"):
+        if arch == "llama" and name.endswith("k_proj.weight"):
             array = _llama_cpp_permute(array, c.num_key_value_heads)
         writer.add_tensor(target, array)
     writer.write_header_to_file()
@@ -78,6 +84,17 @@ def test_tiny_gguf_matches_original_model(tiny_gguf, no_vocabulary, monkeypatch)
     with torch.no_grad():
         assert (lm.model(ids) - hf(ids).logits).abs().max().item() <= 1e-5
     assert lm.config.num_key_value_heads == 2 and not lm.config.tie_word_embeddings
+
+
+def test_tiny_qwen3_gguf_matches_original_model(tmp_path, no_vocabulary, monkeypatch):
+    monkeypatch.setenv("DANLU_GGUF_CACHE", "0")
+    hf = make_hf_model("qwen3", head_dim=32, tie_word_embeddings=True)
+    lm = load_pretrained(write_tiny_gguf(tmp_path / "qwen3.gguf", hf, arch="qwen3"), dtype="float32")
+    ids = torch.randint(3, 256, (1, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (lm.model(ids) - hf(ids).logits).abs().max().item() <= 1e-5
+    c = lm.config
+    assert (c.architecture, c.head_dim, c.qk_norm, c.tie_word_embeddings) == ("qwen3", 32, True, True)
 
 
 def test_conversion_is_cached_and_a_damaged_cache_is_redone(tiny_gguf, no_vocabulary, monkeypatch, tmp_path):

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from danlu.checkpoints.errors import CheckpointError
-from danlu.checkpoints.hf import save_hf_checkpoint
+from danlu.checkpoints.hf import config_from_hf, config_to_hf, save_hf_checkpoint
 from danlu.checkpoints.load import load_pretrained
 from danlu.cli.convert import convert
 from tests.conftest import make_hf_model, save_hf_model
@@ -24,6 +24,8 @@ def logits_of(model, ids=IDS):
     ("llama", {"attention_bias": True}),
     ("qwen2", {"tie_word_embeddings": True}),
     ("mistral", {"sliding_window": 4}),
+    ("qwen3", {"head_dim": 32, "tie_word_embeddings": True}),
+    ("qwen3", {"attention_bias": True, "use_sliding_window": True, "sliding_window": 4, "max_window_layers": 0}),
 ])
 def test_export_round_trip_loads_in_transformers(tmp_path, family, overrides):
     hf = make_hf_model(family, **overrides)
@@ -33,6 +35,45 @@ def test_export_round_trip_loads_in_transformers(tmp_path, family, overrides):
     assert type(reloaded).__name__ == type(hf).__name__
     assert (logits_of(reloaded) - logits_of(hf)).abs().max().item() <= 1e-5
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 2
+
+
+# Published config.json files (Qwen/Qwen3-0.6B, meta-llama/Llama-3.2-1B), less torch_dtype and version.
+PUBLISHED_CONFIGS = {
+    "qwen3-0.6b": {
+        "architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "hidden_size": 1024,
+        "initializer_range": 0.02, "intermediate_size": 3072, "max_position_embeddings": 40960,
+        "max_window_layers": 28, "model_type": "qwen3", "num_attention_heads": 16, "num_hidden_layers": 28,
+        "num_key_value_heads": 8, "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000,
+        "sliding_window": None, "tie_word_embeddings": True, "use_cache": True, "use_sliding_window": False,
+        "vocab_size": 151936},
+    "llama-3.2-1b": {
+        "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "bos_token_id": 128000, "eos_token_id": 128001, "head_dim": 64, "hidden_act": "silu", "hidden_size": 2048,
+        "initializer_range": 0.02, "intermediate_size": 8192, "max_position_embeddings": 131072, "mlp_bias": False,
+        "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 16, "num_key_value_heads": 8,
+        "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+        "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "rope_theta": 500000.0, "tie_word_embeddings": True, "use_cache": True, "vocab_size": 128256},
+}
+
+
+@pytest.mark.parametrize("preset", PUBLISHED_CONFIGS)
+def test_published_config_reads_as_the_preset_and_is_written_back(preset):
+    from danlu.models.presets import get_preset
+
+    published = PUBLISHED_CONFIGS[preset]
+    assert config_from_hf(published).replace(name=preset) == get_preset(preset)
+    written = config_to_hf(get_preset(preset), torch.bfloat16)
+    assert {key: written[key] for key in published} == published
+
+
+def test_initializer_range_is_read_and_written():
+    from danlu.models.presets import get_preset
+
+    hf = config_to_hf(get_preset("tiny-qwen3").replace(initializer_range=0.01), torch.float32)
+    assert hf["initializer_range"] == 0.01 and config_from_hf(hf).initializer_range == 0.01
 
 
 def test_sharded_export_writes_index_and_reloads(tmp_path):
@@ -158,6 +199,26 @@ def test_export_refuses_unrepresentable_config(tmp_path):
     with pytest.raises(CheckpointError, match="mlp='gelu'"):
         save_hf_checkpoint({}, config, tmp_path / "out", torch.float32)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("arch,change,message", [
+    ("llama", {"qk_norm": True}, "only Qwen3 has q/k norms"),
+    ("qwen3", {"qk_norm": False}, "only Qwen3 has q/k norms"),
+    ("qwen3", {"qkv_bias": True}, "qkv_bias must equal o_bias"),
+    ("qwen3", {"mlp_bias": True}, "Qwen3 has no MLP bias"),
+])
+def test_export_refuses_what_the_family_cannot_hold(tmp_path, arch, change, message):
+    from danlu.models.presets import get_preset
+
+    config = get_preset(f"tiny-{arch}").replace(**change)
+    with pytest.raises(CheckpointError, match=message):
+        save_hf_checkpoint({}, config, tmp_path / "out", torch.float32)
+
+
+def test_qwen_sliding_window_on_some_layers_is_refused():
+    hf = {**PUBLISHED_CONFIGS["qwen3-0.6b"], "use_sliding_window": True, "sliding_window": 4096}
+    with pytest.raises(CheckpointError, match="max_window_layers=28"):
+        config_from_hf(hf)
 
 
 def test_failed_export_leaves_no_partial_directory(tmp_path, monkeypatch):

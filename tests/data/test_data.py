@@ -85,7 +85,9 @@ def test_shipped_datasets_and_mixing(real_tokenizer):
     assert len(data.train) + len(data.eval) == len(json.load(open("data/identity.json"))) + \
         len(json.load(open("data/danlu_instruct.json"))) + 2
     assert len(data.eval) >= 1
-    assert set(load_dataset_info("data")) == {"identity", "danlu_instruct", "danlu_chat"}
+    # alpaca_en_demo: LLaMA-Factory's demo name, registered with our own instructions so its YAMLs run as shipped
+    assert set(load_dataset_info("data")) == {"identity", "danlu_instruct", "danlu_chat", "alpaca_en_demo"}
+    assert load_dataset_info("data")["alpaca_en_demo"].file_name == "danlu_instruct.json"
 
 
 def test_unknown_dataset_and_empty_result(real_tokenizer, tmp_path):

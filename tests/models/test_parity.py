@@ -14,8 +14,14 @@ CASES = {
     "llama3-rope": ("llama", {"rope_theta": 500000.0, "max_position_embeddings": 256,
                               "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
+    "llama3.2-rope-tied": ("llama", {"rope_theta": 500000.0, "head_dim": 32, "tie_word_embeddings": True,
+                                     "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
     "qwen2-tied": ("qwen2", {"tie_word_embeddings": True}),
     "qwen2-untied": ("qwen2", {"tie_word_embeddings": False}),
+    "qwen3-tied-head-dim": ("qwen3", {"head_dim": 32, "tie_word_embeddings": True, "rope_theta": 1_000_000.0}),
+    "qwen3-untied-bias": ("qwen3", {"head_dim": 8, "attention_bias": True, "tie_word_embeddings": False}),
+    "qwen3-sliding": ("qwen3", {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 0}),
     "mistral-sliding-mqa": ("mistral", {"sliding_window": 5, "num_key_value_heads": 1}),
 }
 

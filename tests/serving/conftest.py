@@ -15,7 +15,7 @@ def free_port() -> int:
 
 def random_adapter(model, path, seed: int):
     """A LoRA adapter on q and v with small random weights (as if trained), in PEFT's format."""
-    from danlu.checkpoints.adapters import save_peft_adapter
+    from danlu.checkpoints.adapters import LoRAConfig, PeftAdapter, write_adapter
 
     g = torch.Generator().manual_seed(seed)
     state = {}
@@ -23,7 +23,7 @@ def random_adapter(model, path, seed: int):
         if name.endswith(("q_proj", "v_proj")) and isinstance(module, torch.nn.Linear):
             state[f"{name}.lora_A.weight"] = torch.randn(4, module.in_features, generator=g) * 0.05
             state[f"{name}.lora_B.weight"] = torch.randn(module.out_features, 4, generator=g) * 0.05
-    return save_peft_adapter(path, state, 4, 8, 0.0, ["q_proj", "v_proj"])
+    return write_adapter(path, PeftAdapter(LoRAConfig(4, 8, 0.0, ["q_proj", "v_proj"]), state))
 
 
 @pytest.fixture(scope="session")

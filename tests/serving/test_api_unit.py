@@ -14,10 +14,13 @@ class CharTokenizer:
     chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
     pad_token_id = 0
 
-    def __call__(self, text, add_special_tokens=True):
+    def __call__(self, text, add_special_tokens=True):  # a string, or a list of them, as transformers'
+        if isinstance(text, list):
+            return {"input_ids": [self(t)["input_ids"] for t in text]}
         return {"input_ids": [ord(c) % 256 for c in text]}
 
-    def apply_chat_template(self, messages, chat_template=None, tokenize=False, add_generation_prompt=True):
+    def apply_chat_template(self, messages, chat_template=None, tokenize=False, add_generation_prompt=True,
+                            **template_kwargs):  # as transformers: extra keys go to the template
         return "".join(m["content"] + "\n" for m in messages)
 
     def decode(self, ids, skip_special_tokens=True):

@@ -1,47 +1,11 @@
-"""Named templates render as LLaMA-Factory writes them; the model's own template is the default."""
+"""Resolving a template (the model's own is the default), system prompts and message validation."""
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from danlu.tokenization.chat import encode_chat, render_chat, resolve_template, stop_words, validate_messages
 
-
-@pytest.fixture(scope="module")
-def plain_tokenizer():
-    """A byte-level tokenizer with no chat template of its own."""
-    vocab = {chr(i): i for i in range(32, 127)} | {"<s>": 1, "</s>": 2, "<unk>": 0, "\n": 10}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-
-
 CONVERSATION = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
                 {"role": "user", "content": "Who?"}]
-
-EXPECTED = {
-    "qwen": "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
-            "<|im_start|>assistant\nHello<|im_end|>\n<|im_start|>user\nWho?<|im_end|>\n<|im_start|>assistant\n",
-    "chatml": "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n"
-              "<|im_start|>user\nWho?<|im_end|>\n<|im_start|>assistant\n",
-    "llama3": "<s><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant"
-              "<|end_header_id|>\n\nHello<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nWho?<|eot_id|>"
-              "<|start_header_id|>assistant<|end_header_id|>\n\n",
-    "llama2": "<s>[INST] Hi [/INST] Hello </s><s>[INST] Who? [/INST]",
-    "alpaca": "Below is an instruction that describes a task. Write a response that appropriately completes the "
-              "request.\n\n### Instruction:\nHi\n\n### Response:\nHello</s>\n\n### Instruction:\nWho?\n\n"
-              "### Response:\n",
-    "default": "Human: Hi</s>\nAssistant:Hello</s>\nHuman: Who?</s>\nAssistant:",
-}
-
-
-@pytest.mark.parametrize("name", EXPECTED)
-def test_named_templates(plain_tokenizer, name):
-    assert render_chat(plain_tokenizer, CONVERSATION, template=name) == EXPECTED[name]
-
-
-def test_llama2_system_goes_inside_first_instruction(plain_tokenizer):
-    text = render_chat(plain_tokenizer, CONVERSATION[:1], template="llama2", system="Be brief.")
-    assert text == "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST]"
+# Each named template against LLaMA-Factory: test_template_parity.py
 
 
 def test_system_prompt_replaces_the_default(plain_tokenizer):

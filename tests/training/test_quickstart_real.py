@@ -21,7 +21,7 @@ def test_quickstart_lora_changes_the_answer(capsys, tmp_path):
     # The quick start's own config, shortened to keep CI fast (the README runs 6 epochs).
     assert main(["train", "examples/quickstart_lora.yaml", "--output_dir", str(out), "--num_train_epochs", "4",
                  "--eval_steps", "12"]) == 0
-    after = ask(capsys, "--adapter", str(out / "adapter"))
+    after = ask(capsys, "--adapter", str(out))
     assert "danlu" not in before.lower()
     assert "danlu" in after.lower() and after != before
     log = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]

@@ -5,17 +5,19 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from danlu.checkpoints.adapters import save_peft_adapter
 from danlu.checkpoints.errors import CheckpointError
 from danlu.checkpoints.load import load_pretrained
 from danlu.cli.export import ExportArguments, export_merged
 from danlu.models.presets import get_preset
 from danlu.models.transformer import build_meta_model
-from danlu.tuning.lora import (LoRAConfig, apply_lora, count_trainable, load_adapter, lora_state_dict, merge_lora,
-                               resolve_targets)
+from danlu.models.roles import COLUMN, ROW, modules_with_role
+from danlu.models.transformer import Transformer
+from danlu.tuning.lora import (LoRAConfig, LoRALinear, adapters_disabled, apply_lora, count_trainable, load_adapter,
+                               merge_lora, resolve_targets, save_adapter)
 from tests.conftest import make_hf_model, save_hf_model
 
 IDS = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+CONFIG = LoRAConfig(rank=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"])
 
 
 @pytest.mark.parametrize("targets,expected", [(["q_proj", "v_proj"], 4_194_304), (["all", "lm_head"], 20_277_248)])
@@ -39,7 +41,7 @@ def _trained_lora(tmp_path, family="llama"):
     lm = load_pretrained(directory, dtype="float32")
     with torch.no_grad():
         before = lm.model(IDS)
-    apply_lora(lm.model, LoRAConfig(rank=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"]))
+    apply_lora(lm.model, CONFIG)
     with torch.no_grad():
         assert torch.equal(lm.model(IDS), before)  # B = 0: the model starts unchanged
         for name, p in lm.model.named_parameters():
@@ -52,8 +54,7 @@ def test_adapter_loads_in_peft_with_the_same_logits(tmp_path):
     from peft import PeftModel
 
     hf, _, lm = _trained_lora(tmp_path)
-    out = save_peft_adapter(tmp_path / "adapter", lora_state_dict(lm.model), 4, 8, 0.0,
-                            ["q_proj", "v_proj", "down_proj"])
+    out = save_adapter(lm.model, tmp_path / "adapter", CONFIG)
     peft_model = PeftModel.from_pretrained(hf, str(out)).eval()
     with torch.no_grad():
         assert (peft_model(IDS).logits - lm.model(IDS)).abs().max().item() <= 1e-5
@@ -61,7 +62,7 @@ def test_adapter_loads_in_peft_with_the_same_logits(tmp_path):
 
 def test_merge_equals_unmerged_and_adapter_round_trips(tmp_path):
     _, directory, lm = _trained_lora(tmp_path, "qwen2")
-    save_peft_adapter(tmp_path / "adapter", lora_state_dict(lm.model), 4, 8, 0.0, ["q_proj", "v_proj", "down_proj"])
+    save_adapter(lm.model, tmp_path / "adapter", CONFIG)
     with torch.no_grad():
         unmerged = lm.model(IDS)
         fresh = load_pretrained(directory, dtype="float32")
@@ -76,12 +77,12 @@ def test_export_merges_several_adapters_with_scales(tmp_path):
     from peft import PeftModel
 
     hf, directory, lm = _trained_lora(tmp_path)
-    save_peft_adapter(tmp_path / "a1", lora_state_dict(lm.model), 4, 8, 0.0, ["q_proj", "v_proj", "down_proj"])
+    save_adapter(lm.model, tmp_path / "a1", CONFIG)
     with torch.no_grad():
         for name, p in lm.model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
-    save_peft_adapter(tmp_path / "a2", lora_state_dict(lm.model), 4, 8, 0.0, ["q_proj", "v_proj", "down_proj"])
+    save_adapter(lm.model, tmp_path / "a2", CONFIG)
     out = export_merged(ExportArguments(model_name_or_path=str(directory),
                                         adapter_name_or_path=f"{tmp_path / 'a1'},{tmp_path / 'a2'}",
                                         adapter_scales="1.0,0.5", export_dir=str(tmp_path / "merged")))
@@ -107,8 +108,6 @@ def test_adapter_errors(tmp_path):
 
 
 def test_unmerge_restores_the_base_weight():
-    from danlu.tuning.lora import LoRALinear
-
     base = torch.nn.Linear(8, 6)
     original = base.weight.detach().clone()
     layer = LoRALinear(base, rank=2, alpha=4)
@@ -120,3 +119,111 @@ def test_unmerge_restores_the_base_weight():
         assert torch.allclose(layer(x), unmerged, atol=1e-5) and not torch.equal(base.weight, original)
         layer.unmerge()
         assert torch.allclose(base.weight, original, atol=1e-6) and torch.allclose(layer(x), unmerged, atol=1e-5)
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return Transformer(get_preset("tiny-llama")).eval()
+
+
+def randomize_adapters(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)  # as if trained
+
+
+def test_all_is_the_column_and_row_linears_of_the_roles_table():
+    model = tiny_model()
+    assert resolve_targets(model, ["all"]) == modules_with_role(model, COLUMN, ROW)
+    full = "model.layers.1.self_attn.o_proj"
+    assert resolve_targets(model, [full, "up_proj"]) == ["model.layers.0.mlp.up_proj", full,
+                                                         "model.layers.1.mlp.up_proj"]
+    with pytest.raises(ValueError, match=r"choose from \['down_proj', 'gate_proj', 'k_proj', 'lm_head', 'o_proj'"):
+        resolve_targets(model, ["embed_tokens"])  # not a linear
+    with pytest.raises(ValueError, match="'all' matches no linear layer with a column or row role"):
+        resolve_targets(torch.nn.Sequential(torch.nn.Linear(4, 4)), ["all"])
+
+
+def test_modules_to_save_train_beside_the_adapters():
+    model = tiny_model()
+    names = apply_lora(model, LoRAConfig(rank=2, alpha=4, targets=["q_proj"], modules_to_save=["lm_head", "norm"]))
+    assert len(names) == 2
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    norms = {n for n in dict(model.named_parameters()) if n.endswith("norm.weight")}  # PEFT's rule: names ending
+    assert len(norms) == 5 and trainable == {"lm_head.weight", *norms} | {
+        f"model.layers.{i}.self_attn.q_proj.lora_{p}.weight" for i in range(2) for p in "AB"}
+    with pytest.raises(ValueError, match=r"modules_to_save \['nothing'\] match no module"):
+        apply_lora(tiny_model(), LoRAConfig(targets=["q_proj"], modules_to_save=["nothing"]))
+    with pytest.raises(ValueError, match="both adapted by LoRA and saved whole"):
+        apply_lora(tiny_model(), LoRAConfig(targets=["q_proj"], modules_to_save=["self_attn"]))
+
+
+def test_lora_config_is_validated_and_one_class():
+    from danlu.checkpoints.adapters import LoRAConfig as FormatConfig
+
+    assert LoRAConfig is FormatConfig
+    config = LoRAConfig(targets="q_proj, v_proj", modules_to_save=[])
+    assert config.targets == ["q_proj", "v_proj"] and config.modules_to_save is None
+    for bad, match in [(dict(rank=0), "rank must be a positive integer"), (dict(dropout=1.0), "dropout"),
+                       (dict(targets=[]), "at least one module"), (dict(targets=["q_proj", ""]), "targets")]:
+        with pytest.raises(ValueError, match=match):
+            LoRAConfig(**bad)
+
+
+def test_stacked_adapters_merge_innermost_first():
+    model = tiny_model()
+    apply_lora(model, LoRAConfig(rank=2, alpha=4, targets=["q_proj", "up_proj"]))
+    randomize_adapters(model, 1)
+    apply_lora(model, LoRAConfig(rank=3, alpha=3, targets=["q_proj"]))  # a second adapter over the first
+    randomize_adapters(model, 2)
+    with torch.no_grad():
+        unmerged = model(IDS)
+        merge_lora(model)
+        assert torch.allclose(model(IDS), unmerged, atol=1e-5)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+def test_disabled_layer_gives_the_base_output_merged_or_not():
+    base = torch.nn.Linear(8, 6)
+    layer = LoRALinear(base, rank=2, alpha=4)
+    torch.nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        plain, adapted = base(x), layer(x)
+        layer.disabled = True
+        assert torch.equal(layer(x), plain)
+        layer.merge()
+        assert torch.allclose(layer(x), plain, atol=1e-5)  # the folded-in update is taken back out
+        layer.disabled = False
+        assert torch.allclose(layer(x), adapted, atol=1e-5)
+
+
+def test_adapters_disabled_runs_the_base_model_and_restores_the_switches():
+    model = tiny_model()
+    with torch.no_grad():
+        base = model(IDS)
+    apply_lora(model, LoRAConfig(rank=4, alpha=8))
+    randomize_adapters(model)
+    one = model.model.layers[1].mlp.down_proj
+    one.disabled = True  # switched off before: stays off after
+    with torch.no_grad():
+        adapted = model(IDS)
+        with adapters_disabled(model) as same:
+            assert same is model and torch.equal(model(IDS), base)
+        assert torch.equal(model(IDS), adapted) and one.disabled
+        assert not torch.allclose(adapted, base, atol=1e-3)
+    with pytest.raises(RuntimeError, match="inside"):
+        with adapters_disabled(model):
+            raise RuntimeError("inside")
+    switches = [m.disabled for m in model.modules() if isinstance(m, LoRALinear)]
+    assert switches.count(True) == 1 and len(switches) == 14
+    one.disabled = False
+    adapters = [p for n, p in model.named_parameters() if "lora_" in n]
+    with adapters_disabled(model):  # the reference pass of DPO: the adapters take no part in it
+        reference = model(IDS)
+    assert not reference.requires_grad  # the base is frozen: no graph is kept for the reference
+    loss = (model(IDS) - reference.detach()).pow(2).mean()  # and after it, the adapters train
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapters)

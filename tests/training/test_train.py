@@ -1,4 +1,4 @@
-"""The training loop on a tiny model (with the real tokenizer and chat template)."""
+"""Whole runs through `train(args)` on a tiny model (with the real tokenizer and chat template)."""
 import json
 
 import pytest
@@ -6,7 +6,8 @@ import torch
 
 from danlu.training.arguments import ArgumentError, TrainArguments
 from danlu.training.checkpoint import latest_checkpoint, list_checkpoints
-from danlu.training.loop import TrainingStopped, train
+from danlu.training.loop import TrainingStopped
+from danlu.training.train import train
 
 pytestmark = pytest.mark.real  # the tiny model carries the real tokenizer
 
@@ -30,17 +31,16 @@ def test_loss_falls_and_outputs_are_written(tiny_chat_dir, tmp_path):
     assert result.state.global_step == 12
     assert sum(result.train_losses[-3:]) / 3 < sum(result.train_losses[:3]) / 3
     assert len(result.eval_losses) == 2 and all(l > 0 for l in result.eval_losses)
-    out = tmp_path / "run"
-    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "training_loss.png").is_file()
-    assert (out / "eval_loss.png").is_file() and (out / "adapter" / "tokenizer.json").is_file()
-    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    out = tmp_path / "run"  # as LLaMA-Factory: the adapter at the root, beside the checkpoints
+    assert (out / "adapter_model.safetensors").is_file() and (out / "training_loss.png").is_file()
+    assert (out / "eval_loss.png").is_file() and (out / "tokenizer.json").is_file()
+    assert [c.name for c in list_checkpoints(out)] == ["checkpoint-3", "checkpoint-6", "checkpoint-9", "checkpoint-12"]
+    config = json.loads((out / "adapter_config.json").read_text())
     assert config["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
 
 
 def interrupt_at_step(monkeypatch, step):
     """Make the optimizer step number `step` raise KeyboardInterrupt, as Ctrl-C would."""
-    import danlu.training.loop as loop
-
     real_clip = torch.nn.utils.clip_grad_norm_
     calls = []
 
@@ -50,7 +50,7 @@ def interrupt_at_step(monkeypatch, step):
             raise KeyboardInterrupt
         return real_clip(*a, **k)
 
-    monkeypatch.setattr(loop.torch.nn.utils, "clip_grad_norm_", clip)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
 
 
 def test_resume_continues_the_same_loss_curve(tiny_chat_dir, tmp_path, monkeypatch):
@@ -73,7 +73,8 @@ def test_resume_continues_the_same_loss_curve(tiny_chat_dir, tmp_path, monkeypat
 def test_full_and_freeze(tiny_chat_dir, tmp_path, finetuning_type, extra):
     result = train(args_for(tiny_chat_dir, tmp_path / finetuning_type, finetuning_type=finetuning_type,
                             learning_rate=1e-3, **extra))
-    assert (tmp_path / finetuning_type / "model" / "config.json").is_file()
+    assert (tmp_path / finetuning_type / "config.json").is_file()
+    assert (tmp_path / finetuning_type / "model.safetensors").is_file()
     if finetuning_type == "freeze":
         assert result.trainable_parameters < result.all_parameters / 2
 
@@ -86,9 +87,9 @@ def test_output_dir_with_a_run_is_refused(tiny_chat_dir, tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_chat_dir, tmp_path, monkeypatch):
-    import danlu.training.loop as loop
+    import danlu.training.recipes.pt as causal_lm
 
-    real_loss = loop.causal_lm_loss
+    real_loss = causal_lm.causal_lm_loss
     calls = []
 
     def loss_going_nan(logits, labels):
@@ -96,7 +97,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_chat_dir, tmp_path, 
         loss, n = real_loss(logits, labels)
         return (loss * float("nan"), n) if len(calls) > 8 else (loss, n)  # from step 5 on (2 micro-batches/step)
 
-    monkeypatch.setattr(loop, "causal_lm_loss", loss_going_nan)
+    monkeypatch.setattr(causal_lm, "causal_lm_loss", loss_going_nan)
     with pytest.raises(TrainingStopped, match="the loss became nan at step 5.*checkpoint-3"):
         train(args_for(tiny_chat_dir, tmp_path / "run"))
     assert [c.name for c in list_checkpoints(tmp_path / "run")] == ["checkpoint-3"]
@@ -159,7 +160,7 @@ def test_qlora_trains_adapters_on_quantized_base(tiny_chat_dir, tmp_path, bits):
     from danlu.checkpoints.load import load_pretrained
 
     lm = load_pretrained(tiny_chat_dir, dtype="float32")
-    load_adapter(lm.model, tmp_path / "run" / "adapter")  # a QLoRA adapter applies to the float base
+    load_adapter(lm.model, tmp_path / "run")  # a QLoRA adapter applies to the float base
 
 
 def test_gradient_checkpointing_gives_the_same_losses(tiny_chat_dir, tmp_path):
@@ -184,7 +185,7 @@ def test_additional_target_is_saved_as_peft_modules_to_save(tiny_chat_dir, tmp_p
 
     train(args_for(tiny_chat_dir, tmp_path / "run", lora_target="q_proj", additional_target="norm",
                    max_steps=3, learning_rate=0.05))
-    adapter = tmp_path / "run" / "adapter"
+    adapter = tmp_path / "run"
     lm = load_pretrained(tiny_chat_dir, dtype="float32")
     before = lm.model.model.norm.weight.clone()
     load_adapter(lm.model, adapter)
@@ -196,7 +197,7 @@ def test_additional_target_is_saved_as_peft_modules_to_save(tiny_chat_dir, tmp_p
 
 
 def test_load_best_model_at_end_restores_the_best_eval(tiny_chat_dir, tmp_path):
-    from danlu.checkpoints.adapters import read_peft_adapter
+    from danlu.checkpoints.adapters import read_adapter
     from safetensors.torch import load_file
 
     result = train(args_for(tiny_chat_dir, tmp_path / "run", max_steps=9, val_size=0.2, eval_strategy="steps",
@@ -204,7 +205,7 @@ def test_load_best_model_at_end_restores_the_best_eval(tiny_chat_dir, tmp_path):
     best = min(range(len(result.eval_losses)), key=result.eval_losses.__getitem__)
     assert result.state.best_checkpoint == f"checkpoint-{3 * (best + 1)}"
     saved = load_file(str(tmp_path / "run" / result.state.best_checkpoint / "trainable.safetensors"))
-    _, final = read_peft_adapter(tmp_path / "run" / "adapter")
+    final = read_adapter(tmp_path / "run").lora_state
     key = next(k for k in final if "lora_B" in k)
     assert torch.equal(final[key], saved[key.replace(".lora_B.", ".lora_B.")])
     names = [c.name for c in list_checkpoints(tmp_path / "run")]
@@ -229,3 +230,58 @@ def test_report_to_tensorboard_writes_scalars(tiny_chat_dir, tmp_path):
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]
     assert len(events.Scalars("eval/loss")) == 1
+
+
+def test_eval_dataset_is_used_for_validation_as_in_llama_factory(tiny_chat_dir, tmp_path, caplog):
+    identity = len(json.loads(open("data/identity.json").read()))
+    instruct = len(json.loads(open("data/danlu_instruct.json").read()))
+    with caplog.at_level("INFO", logger="danlu"):
+        result = train(args_for(tiny_chat_dir, tmp_path / "run", dataset="danlu_instruct", eval_dataset="identity",
+                                val_size=0.5, eval_strategy="steps", eval_steps=3, max_steps=3))
+    # the named evaluation set replaces the val_size split
+    assert f"training examples: {instruct}, validation examples: {identity}" in caplog.text
+    assert len(result.eval_losses) == 1 and result.eval_losses[0] > 0
+
+
+def test_chunked_loss_trains_the_same_curve(tiny_chat_dir, tmp_path):
+    plain = train(args_for(tiny_chat_dir, tmp_path / "plain", max_steps=3))
+    chunked = train(args_for(tiny_chat_dir, tmp_path / "chunked", max_steps=3, loss_chunk_size=16))
+    assert chunked.train_losses == pytest.approx(plain.train_losses, abs=1e-5)
+
+
+def test_overwrite_output_dir_removes_the_earlier_run_and_nothing_else(tiny_chat_dir, tmp_path):
+    out = tmp_path / "run"
+    train(args_for(tiny_chat_dir, out, max_steps=3, finetuning_type="full", learning_rate=1e-3))
+    (out / "notes.txt").write_text("mine")
+    train(args_for(tiny_chat_dir, out, max_steps=3, overwrite_output_dir=True))
+    assert (out / "notes.txt").read_text() == "mine" and (out / "adapter_config.json").is_file()
+    assert not (out / "model.safetensors").exists() and not (out / "config.json").exists()
+
+
+def test_llama_factory_keys_that_change_nothing_say_so_once(caplog, monkeypatch):
+    from danlu.training import arguments
+    from danlu.training.arguments import parse_train_arguments
+
+    monkeypatch.setattr(arguments, "_SAID_IGNORED", set())
+    argv = ["--dataset", "identity", "--trust_remote_code", "true", "--dataloader_num_workers", "4",
+            "--preprocessing_num_workers", "16", "--save_only_model", "false"]
+    with caplog.at_level("WARNING", logger="danlu"):
+        parse_train_arguments(argv)
+        parse_train_arguments(argv)
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("trust_remote_code" in m for m in said) == 1 and sum("dataloader_num_workers" in m for m in said) == 1
+    assert not any("save_only_model" in m for m in said)  # left at its default: nothing to say
+
+
+def test_train_from_scratch_starts_from_the_published_initialisation(tiny_chat_dir, tmp_path):
+    import math
+
+    from danlu.checkpoints.load import load_pretrained
+
+    result = train(args_for(tiny_chat_dir, tmp_path / "run", train_from_scratch=True, finetuning_type="full",
+                            learning_rate=1e-3, max_steps=2))
+    vocab = load_pretrained(tiny_chat_dir).config.vocab_size
+    # weights drawn with std 0.02 give near-uniform predictions: the first loss is about ln(vocab)
+    assert result.train_losses[0] == pytest.approx(math.log(vocab), abs=0.05)
+    trained = load_pretrained(tmp_path / "run").model
+    assert abs(trained.model.layers[0].mlp.up_proj.weight.std().item() - 0.02) < 0.002

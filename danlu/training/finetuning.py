@@ -1,0 +1,56 @@
+"""The finetuning method (LLaMA-Factory's finetuning_type): which weights train, and what the run leaves.
+
+A run ends as LLaMA-Factory's (the Hugging Face Trainer's) does: the adapter in PEFT's format, or the full
+model, at the root of output_dir beside its checkpoint-N directories, so LF's merge and inference YAMLs
+(`adapter_name_or_path: saves/<model>/lora/sft`) point at it unchanged.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from danlu.checkpoints.hf import save_hf_checkpoint
+from danlu.training.gradient_checkpointing import enable_gradient_checkpointing
+from danlu.tuning.freeze import apply_freeze
+from danlu.tuning.lora import LoRAConfig, apply_lora, base_state_dict, save_adapter
+from danlu.tuning.quantized import quantize_model
+from danlu.utils.atomic import atomic_files
+from danlu.utils.progress import logger
+
+ARGS_NAME = "train_args.json"
+
+
+def lora_config(args) -> LoRAConfig:
+    return LoRAConfig(args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets,
+                      modules_to_save=args.additional_targets or None)
+
+
+def apply_finetuning(model, args) -> None:
+    """Make the method's weights trainable (and only those); QLoRA quantizes the frozen base first."""
+    if args.finetuning_type == "lora":
+        if args.quantization_bit is not None:
+            quantized = quantize_model(model, args.quantization_bit)
+            logger.info("quantized %d linear layers to %d bits", len(quantized), args.quantization_bit)
+        apply_lora(model, lora_config(args))
+    elif args.finetuning_type == "freeze":
+        apply_freeze(model, args.freeze_trainable_layers, args.freeze_trainable_modules)
+    else:
+        model.requires_grad_(True)
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+
+
+def save_final(model, lm, args, output_dir: Path) -> Path:
+    """The trained adapter or full model, with the tokenizer, at the root of output_dir."""
+    with atomic_files(output_dir) as staged:
+        if args.finetuning_type == "lora":
+            save_adapter(model, staged, lora_config(args), base_model=lm.source)
+        else:
+            save_hf_checkpoint(base_state_dict(model), lm.config, staged, torch.float32,
+                               generation_config=lm.generation_defaults)
+        lm.tokenizer.save_pretrained(str(staged))
+        (staged / ARGS_NAME).write_text(json.dumps(vars(args), indent=2, default=str), encoding="utf-8")
+    logger.info("saved the %s in %s", "adapter" if args.finetuning_type == "lora" else "model", output_dir)
+    return output_dir

@@ -1,0 +1,121 @@
+"""`train(args)`: a whole run from TrainArguments: model, stage recipe, finetuning method, `fit`, final save."""
+from __future__ import annotations
+
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from danlu.checkpoints.load import load_pretrained
+from danlu.training.arguments import ArgumentError, TrainArguments
+from danlu.training.checkpoint import latest_checkpoint
+from danlu.training.finetuning import apply_finetuning, save_final
+from danlu.training.logs import TrainingLog
+from danlu.training.loop import FitConfig, FitResult, fit
+from danlu.training.optim import build_optimizer
+from danlu.training.order import steps_for_epochs
+from danlu.training.recipes import RECIPES
+from danlu.training.schedule import build_scheduler, warmup_steps
+from danlu.training.topology import Topology
+from danlu.tuning.lora import count_trainable
+from danlu.utils.progress import logger
+
+# What a run writes at the root of output_dir (besides checkpoint-N), removed by overwrite_output_dir.
+RUN_OUTPUTS = ("adapter_config.json", "adapter_model.safetensors", "config.json", "generation_config.json",
+               "model.safetensors", "model-*.safetensors", "model.safetensors.index.json", "tokenizer*",
+               "special_tokens_map.json", "chat_template.jinja", "trainer_log.jsonl", "training_loss.png",
+               "eval_loss.png", "train_args.json", "runs")
+
+
+@dataclass
+class TrainResult(FitResult):
+    output_dir: Optional[Path] = None
+    trainable_parameters: int = 0
+    all_parameters: int = 0
+
+
+def train(args: TrainArguments) -> TrainResult:
+    topology = Topology.from_environment()
+    output_dir = Path(args.output_dir)
+    resume_from = resume_point(args, output_dir)
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    lm = load_pretrained(args.model_name_or_path, dtype="float32", device=topology.device,
+                         show_progress=topology.is_main)
+    if lm.tokenizer is None:
+        raise ArgumentError(f"{lm.source} has no tokenizer; training needs a checkpoint with one")
+    if args.train_from_scratch:
+        lm.model.init_weights()
+    stage = RECIPES[args.stage](lm, args)
+    model = lm.model
+    apply_finetuning(model, args)
+    trainable, total = count_trainable(model)
+    logger.info("trainable params: %d || all params: %d || trainable%%: %.4f", trainable, total,
+                100 * trainable / total)
+    optimizer = build_optimizer(model, args.optim, args.learning_rate, args.weight_decay,
+                                (args.adam_beta1, args.adam_beta2), args.adam_epsilon, args.sgd_momentum)
+    max_steps = args.max_steps if args.max_steps > 0 else steps_for_epochs(
+        len(stage.train), args.num_train_epochs, args.per_device_train_batch_size, args.gradient_accumulation_steps,
+        topology)
+    scheduler = build_scheduler(optimizer, args.lr_scheduler_type,
+                                warmup_steps(max_steps, args.warmup_steps, args.warmup_ratio), max_steps)
+    log = TrainingLog(output_dir, args.report_to, resume_from is not None, topology.is_main,
+                      args.include_num_input_tokens_seen)
+    result = fit(model, stage, optimizer, scheduler, fit_config(args, max_steps, resume_from, log, topology),
+                 topology)
+    if topology.is_main:
+        save_final(model, lm, args, output_dir)
+    log.finish(args.plot_loss)
+    return TrainResult(result.state, result.train_losses, result.eval_losses, output_dir, trainable, total)
+
+
+def fit_config(args: TrainArguments, max_steps: int, resume_from, log, topology: Topology) -> FitConfig:
+    return FitConfig(
+        output_dir=Path(args.output_dir), max_steps=max_steps, batch_size=args.per_device_train_batch_size,
+        eval_batch_size=args.per_device_eval_batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
+        max_grad_norm=args.max_grad_norm, logging_steps=args.logging_steps, save_steps=args.save_steps,
+        eval_strategy=args.eval_strategy, eval_steps=args.eval_steps, save_total_limit=args.save_total_limit,
+        load_best_model_at_end=args.load_best_model_at_end, seed=args.seed,
+        autocast_dtype=autocast_dtype(args, topology.device), resume_from=resume_from, log=log)
+
+
+def resume_point(args: TrainArguments, output_dir: Path) -> Optional[Path]:
+    """The checkpoint to continue from; refuses to train over an earlier run unless asked to."""
+    if args.resume_from_checkpoint:
+        if args.resume_from_checkpoint.lower() in ("true", "latest"):
+            found = latest_checkpoint(output_dir)
+            if found is None:
+                raise ArgumentError(f"resume_from_checkpoint: no complete checkpoint in {output_dir}")
+            return found
+        path = Path(args.resume_from_checkpoint)
+        if not (path / "trainer_state.json").is_file():
+            raise ArgumentError(f"resume_from_checkpoint: {path} is not a complete checkpoint "
+                                f"(no trainer_state.json)")
+        return path
+    if output_dir.exists() and any(output_dir.iterdir()) and not args.overwrite_output_dir:
+        raise ArgumentError(f"output_dir {output_dir} already holds a run; pass --overwrite_output_dir True to "
+                            f"replace it or --resume_from_checkpoint to continue it")
+    if output_dir.exists() and args.overwrite_output_dir:
+        for pattern in ("checkpoint-*", *RUN_OUTPUTS):
+            for old in output_dir.glob(pattern):
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+    return None
+
+
+def autocast_dtype(args: TrainArguments, device: torch.device) -> Optional[torch.dtype]:
+    if args.fp16:
+        if device.type != "cuda":
+            logger.warning("fp16 needs a GPU; training in float32 on the CPU instead")
+            return None
+        return torch.float16
+    if args.bf16:
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            logger.warning("this GPU has no bf16; training in float32 instead")
+            return None
+        return torch.bfloat16
+    if args.flash_attn == "fa2" and device.type != "cuda":
+        logger.warning("flash attention needs a GPU; using PyTorch's scaled_dot_product_attention on the CPU")
+    return None
