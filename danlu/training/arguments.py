@@ -167,25 +167,9 @@ class TrainArguments:
         if self.load_best_model_at_end and self.eval_strategy == "no":
             raise ArgumentError("load_best_model_at_end needs eval_strategy steps or epoch (and val_size > 0)")
 
-    @property
-    def lora_targets(self) -> list[str]:
-        return _names(self.lora_target)
-
-    @property
-    def dataset_names(self) -> list[str]:
-        return _names(self.dataset)
-
-    @property
-    def eval_dataset_names(self) -> list[str]:
-        return _names(self.eval_dataset)
-
-    @property
-    def additional_targets(self) -> list[str]:
-        return _names(self.additional_target)
-
-
-def _names(text: Optional[str]) -> list[str]:
-    return [name.strip() for name in (text or "").split(",") if name.strip()]
+    def names(self, key: str) -> list[str]:
+        """A comma-separated key (dataset, eval_dataset, ...) as a list of names."""
+        return [name.strip() for name in (getattr(self, key) or "").split(",") if name.strip()]
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:

@@ -23,8 +23,8 @@ ARGS_NAME = "train_args.json"
 
 
 def lora_config(args) -> LoRAConfig:
-    return LoRAConfig(args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets,
-                      modules_to_save=args.additional_targets or None)
+    return LoRAConfig(args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_target,
+                      modules_to_save=args.additional_target)
 
 
 def apply_finetuning(model, args) -> None:

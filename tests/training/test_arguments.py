@@ -16,9 +16,9 @@ ARTICLE_COMMAND = """--stage sft --do_train True --model_name_or_path MODEL --fi
 def test_article_command_parses_with_llama_factory_meanings():
     args = parse_train_arguments(ARTICLE_COMMAND)
     assert args.learning_rate == 5e-5 and args.num_train_epochs == 5.0 and args.max_samples == 100000
-    assert args.lora_targets == ["q_proj", "v_proj"] and args.lora_rank == 32 and args.lora_alpha == 16
+    assert args.names("lora_target") == ["q_proj", "v_proj"] and args.lora_rank == 32 and args.lora_alpha == 16
     assert args.eval_strategy == "steps" and args.load_best_model_at_end and args.fp16 and args.packing is False
-    assert args.template == "qwen" and args.dataset_names == ["alpaca_zh"]
+    assert args.template == "qwen" and args.names("dataset") == ["alpaca_zh"]
 
 
 def test_yaml_then_flags_override(tmp_path):

@@ -15,7 +15,7 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
                          ids=lambda p: p.name)
 def test_training_examples_parse(path):
     args = parse_train_arguments([str(path)])
-    assert args.dataset_names and args.output_dir.startswith("saves/")
+    assert args.names("dataset") and args.output_dir.startswith("saves/")
 
 
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("merge_lora/*.yaml")), ids=lambda p: p.name)

@@ -15,9 +15,9 @@ def build_stage(lm, args) -> Stage:
         return prepare_pretrain_data(lm.tokenizer, args.dataset_dir, names, args.cutoff_len,
                                      danlu_home() / "token-cache", val_size, args.max_samples)
 
-    train, held_out = blocks(args.dataset_names, 0.0 if args.eval_dataset else args.val_size)
+    train, held_out = blocks(args.names("dataset"), 0.0 if args.eval_dataset else args.val_size)
     if args.eval_dataset:
-        held_out, _ = blocks(args.eval_dataset_names, 0.0)
+        held_out, _ = blocks(args.names("eval_dataset"), 0.0)
     return Stage(train, held_out, partial(collate, pad_id=pad_id(lm.tokenizer)),
                  partial(causal_lm_step, chunk_size=args.loss_chunk_size))
 

@@ -22,9 +22,9 @@ def build_stage(lm, args) -> Stage:
         report(data, args.cutoff_len)
         return data
 
-    data = examples(args.dataset_names, 0.0 if args.eval_dataset else args.val_size)
+    data = examples(args.names("dataset"), 0.0 if args.eval_dataset else args.val_size)
     if args.eval_dataset:  # as LLaMA-Factory: a named evaluation set replaces the val_size split
-        data.eval = examples(args.eval_dataset_names, 0.0).train
+        data.eval = examples(args.names("eval_dataset"), 0.0).train
     if args.packing:
         before = len(data.train)
         data.train = pack_examples(data.train, args.cutoff_len)
