@@ -10,51 +10,13 @@ import torch
 from danlu.cli.main import main, parse_command_line
 from danlu.training import arguments
 from tests.conftest import make_hf_model, save_hf_model
+from tests.llamafactory_examples import GPTQ_YAML, INFER_YAML, MERGE_YAML
 
-# LLaMA-Factory's examples/merge_lora/qwen3_lora_sft.yaml
-MERGE_YAML = """\
-### Note: DO NOT use quantized model or quantization_bit when merging lora adapters
-
-### model
-model_name_or_path: Qwen/Qwen3-4B-Instruct-2507
-adapter_name_or_path: saves/qwen3-4b/lora/sft
-template: qwen3_nothink
-trust_remote_code: true
-
-### export
-export_dir: saves/qwen3_sft_merged
-export_size: 5
-export_device: cpu  # choices: [cpu, auto]
-export_legacy_format: false
-"""
 # LLaMA-Factory's examples/merge_lora/qwen3_full_sft.yaml is that file without its note and adapter: the model
 # is written again.
 FULL_SFT_YAML = (MERGE_YAML[MERGE_YAML.index("### model"):]
                  .replace("adapter_name_or_path: saves/qwen3-4b/lora/sft\n", "")
                  .replace("Qwen/Qwen3-4B-Instruct-2507", "saves/qwen3-4b/full/sft"))
-# LLaMA-Factory's examples/merge_lora/qwen3_gptq.yaml
-GPTQ_YAML = """\
-### model
-model_name_or_path: Qwen/Qwen3-4B-Instruct-2507
-template: qwen3_nothink
-trust_remote_code: true
-
-### export
-export_dir: saves/qwen3_gptq
-export_quantization_bit: 4
-export_quantization_dataset: data/c4_demo.jsonl
-export_size: 5
-export_device: cpu  # choices: [cpu, auto]
-export_legacy_format: false
-"""
-# LLaMA-Factory's examples/inference/qwen3_lora_sft.yaml
-INFER_YAML = """\
-model_name_or_path: Qwen/Qwen3-4B-Instruct-2507
-adapter_name_or_path: saves/qwen3-4b/lora/sft
-template: qwen3_nothink
-infer_backend: huggingface  # choices: [huggingface, vllm, sglang, ktransformers]
-trust_remote_code: true
-"""
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 IDS = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(0))
