@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from danlu.checkpoints.bundled import bundled_model_path
 from danlu.generation.sampling import GenerationConfig
 from danlu.tokenization.templates import TEMPLATES, get_template
-from danlu.training.arguments import ArgumentError, ignored, parse_arguments
+from danlu.training.arguments import (ArgumentError, check_choice, check_refused, ignored, parse_arguments,
+                                      refused)
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -79,16 +80,6 @@ def load_from_args(args, show_progress: bool = True):
 # changes nothing here; setting it says so once) or `refused` (it would change the result: setting it fails).
 
 
-def refused(default: Any, why: str):
-    """A LLaMA-Factory key whose effect danlu does not have: any value but the default fails, saying why."""
-    return field(default=default, metadata={"refused": why})
-
-
-def check_choice(key: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ArgumentError(f"{key} must be one of {', '.join(map(str, allowed))}; got {value!r}")
-
-
 def check_adapter_method(adapter: Optional[str], finetuning_type: str) -> None:
     if adapter and finetuning_type != "lora":
         raise ArgumentError(f"finetuning_type {finetuning_type!r} with adapter_name_or_path: adapters are only "
@@ -141,10 +132,7 @@ class ModelKeys:
                 get_template(self.template)
             except ValueError as e:
                 raise ArgumentError(f"template: {e}") from None
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if "refused" in f.metadata and value != f.default:
-                raise ArgumentError(f"{f.name}: {value!r} is not supported: {f.metadata['refused']}")
+        check_refused(self)
 
 
 VLLM_ONLY = "it configures the vLLM engine (infer_backend: vllm); danlu serves with its own engine"

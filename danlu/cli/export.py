@@ -12,8 +12,8 @@ import argparse
 from dataclasses import dataclass
 from typing import Optional
 
-from danlu.cli.common import ModelKeys, check_choice, describe_keys, parse_keys, refused
-from danlu.training.arguments import ArgumentError, ignored
+from danlu.cli.common import ModelKeys, describe_keys, parse_keys
+from danlu.training.arguments import ArgumentError, check_choice, ignored, refused
 from danlu.utils.progress import logger
 
 QUANTIZATION_ONLY = "it is read only with export_quantization_bit, which danlu does not support"

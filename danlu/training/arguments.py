@@ -32,6 +32,19 @@ def ignored(default: Any, why: str):
     return field(default=default, metadata={"ignored": why})
 
 
+def refused(default: Any, why: str):
+    """A LLaMA-Factory key whose effect danlu does not have: any value but the default fails, saying why."""
+    return field(default=default, metadata={"refused": why})
+
+
+def check_refused(arguments) -> None:
+    """Fail on the first `refused` key of an arguments dataclass that is set to anything but its default."""
+    for f in dataclasses.fields(arguments):
+        value = getattr(arguments, f.name)
+        if "refused" in f.metadata and value != f.default:
+            raise ArgumentError(f"{f.name}: {value!r} is not supported: {f.metadata['refused']}")
+
+
 _SAID_IGNORED: set[tuple[str, str]] = set()
 
 
@@ -133,13 +146,13 @@ class TrainArguments:
         self.validate()
 
     def validate(self) -> None:
-        _choice("stage", self.stage, STAGES)
-        _choice("finetuning_type", self.finetuning_type, FINETUNING_TYPES)
-        _choice("lr_scheduler_type", self.lr_scheduler_type, SCHEDULERS)
-        _choice("optim", self.optim, OPTIMIZERS)
-        _choice("eval_strategy", self.eval_strategy, STRATEGIES)
-        _choice("flash_attn", self.flash_attn, ("auto", "disabled", "sdpa", "fa2"))
-        _choice("report_to", self.report_to, ("none", "tensorboard", "all"))
+        check_choice("stage", self.stage, STAGES)
+        check_choice("finetuning_type", self.finetuning_type, FINETUNING_TYPES)
+        check_choice("lr_scheduler_type", self.lr_scheduler_type, SCHEDULERS)
+        check_choice("optim", self.optim, OPTIMIZERS)
+        check_choice("eval_strategy", self.eval_strategy, STRATEGIES)
+        check_choice("flash_attn", self.flash_attn, ("auto", "disabled", "sdpa", "fa2"))
+        check_choice("report_to", self.report_to, ("none", "tensorboard", "all"))
         if self.quantization_bit not in (None, 4, 8):
             raise ArgumentError(f"quantization_bit must be 4 or 8 (or unset), got {self.quantization_bit}")
         if self.quantization_bit is not None and self.finetuning_type != "lora":
@@ -172,11 +185,11 @@ class TrainArguments:
         return [name.strip() for name in (getattr(self, key) or "").split(",") if name.strip()]
 
 
-def _choice(name: str, value: Any, allowed: tuple) -> None:
+def check_choice(name: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
-        close = difflib.get_close_matches(str(value), allowed, n=1)
+        close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ArgumentError(f"{name} must be one of {list(allowed)}, got {value!r}{hint}")
+        raise ArgumentError(f"{name} must be one of {', '.join(map(str, allowed))}; got {value!r}{hint}")
 
 
 # ---------------------------------------------------------------- parsing

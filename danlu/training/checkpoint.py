@@ -52,13 +52,14 @@ def load_trainable(model: torch.nn.Module, directory: Path) -> None:
     from safetensors.torch import load_file
 
     saved = load_file(str(Path(directory) / TRAINABLE_NAME))
-    params = dict(model.named_parameters())
-    missing = [name for name in trainable_state(model) if name not in saved]
+    trainable = trainable_state(model)
+    missing = [name for name in trainable if name not in saved]
     if missing:
         raise ValueError(f"{directory}: the checkpoint does not hold {missing[:3]}: it was saved by a different "
                          f"finetuning setup")
+    params = dict(model.named_parameters())
     with torch.no_grad():
-        for name in trainable_state(model):
+        for name in trainable:
             params[name].copy_(saved[name])
 
 

@@ -111,3 +111,14 @@ def test_environment_topology_reads_torchrun_variables(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "0")
     topology = Topology.from_environment(device="cpu")
     assert (topology.rank, topology.world_size, topology.is_main) == (2, 4, False)
+
+
+def test_a_checkpoint_of_other_trainable_weights_is_refused_by_name(tmp_path):
+    from danlu.training.checkpoint import load_trainable
+    from danlu.tuning.lora import LoRAConfig, apply_lora
+
+    run_toy(tmp_path, max_steps=4)  # every weight trains: no LoRA weight in checkpoint-4
+    model = Transformer(get_preset("tiny-llama"))
+    apply_lora(model, LoRAConfig(rank=2, targets=["q_proj"]))
+    with pytest.raises(ValueError, match=r"checkpoint-4: the checkpoint does not hold .*q_proj\.lora_A"):
+        load_trainable(model, tmp_path / "checkpoint-4")
