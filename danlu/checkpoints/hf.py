@@ -26,6 +26,9 @@ HF_CLASS_BY_ARCHITECTURE = {v: k for k, v in ARCHITECTURE_BY_HF_CLASS.items()}  
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 QWEN_WINDOWED = ("qwen2", "qwen3")  # use_sliding_window / sliding_window / max_window_layers
+# Heads a reward model's checkpoint carries beside the causal LM's weights (the sequence-classification
+# `score`, trl's `v_head`): not part of the decoder, read by danlu.checkpoints.value_head.
+VALUE_HEAD_TENSORS = ("score.weight", "v_head.summary.weight", "v_head.summary.bias")
 
 
 # ---------------------------------------------------------------- config.json <-> ModelConfig
@@ -250,7 +253,8 @@ def load_hf_state_dict(directory: Path, expected: dict[str, torch.Size], dtype: 
     bar = progress(total=len(expected), desc="Loading weights", disable=not show_progress)
     for path, name, tensor in iter_tensors(files):
         if name not in expected:
-            if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and "lm_head.weight" not in expected):
+            if (name.endswith("rotary_emb.inv_freq") or name in VALUE_HEAD_TENSORS
+                    or (name == "lm_head.weight" and "lm_head.weight" not in expected)):
                 continue
             raise CheckpointError(f"{path}: unexpected tensor {name!r} (not part of this model's architecture)")
         if tuple(tensor.shape) != tuple(expected[name]):
@@ -268,14 +272,16 @@ def load_hf_state_dict(directory: Path, expected: dict[str, torch.Size], dtype: 
 
 def save_hf_checkpoint(state: dict[str, torch.Tensor], config: ModelConfig, out_dir: Path,
                        dtype: torch.dtype, max_shard_bytes: int = 2 * 1024**3, tokenizer=None,
-                       generation_config: Optional[dict] = None, show_progress: bool = False) -> Path:
-    """Write config.json, (sharded) safetensors with index, tokenizer and generation_config.json.
+                       generation_config: Optional[dict] = None, show_progress: bool = False,
+                       extra_config: Optional[dict] = None) -> Path:
+    """Write config.json (with `extra_config`'s keys added), (sharded) safetensors with index, tokenizer and
+    generation_config.json.
 
     The directory appears only when complete: it is written beside the target and renamed into place.
     """
     from safetensors.torch import save_file
 
-    hf_config = config_to_hf(config, dtype)  # raises before anything is written
+    hf_config = {**config_to_hf(config, dtype), **(extra_config or {})}  # raises before anything is written
     state = {k: v for k, v in state.items() if not (config.tie_word_embeddings and k == "lm_head.weight")}
     shards = _plan_shards(state, dtype, max_shard_bytes)
     out_dir = Path(out_dir)

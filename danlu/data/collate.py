@@ -1,8 +1,11 @@
-"""Batches for causal-LM training: right padding, labels -100 on padding (danlu.training.losses shifts them)."""
+"""Batches for causal-LM training: right padding, labels -100 on padding (danlu.training.losses shifts them).
+
+Preference batches (rm, dpo, kto) are the same rows: collate_pairs and collate_feedback lay them out."""
 from __future__ import annotations
 
 import torch
 
+from danlu.data.preference import TokenizedFeedback, TokenizedPair
 from danlu.data.supervised import IGNORE_INDEX, Tokenized
 
 
@@ -24,3 +27,18 @@ def collate(examples: list[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:
         batch["document_ids"] = document_ids
     return batch
 
+
+
+def collate_pairs(pairs: list[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
+    """The chosen rows, then the rejected rows in the same order: one forward pass scores both, and row i is
+    paired with row i + len(pairs) (LLaMA-Factory's pairwise collator)."""
+    return collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+
+
+def collate_feedback(items: list[TokenizedFeedback], pad_id: int) -> dict[str, torch.Tensor]:
+    """The judged completions, their KL counterparts as kl_* (padded on their own) and `desirable` [B]."""
+    batch = collate([item.completion for item in items], pad_id)
+    kl = collate([item.kl for item in items], pad_id)
+    batch.update({f"kl_{key}": kl[key] for key in ("input_ids", "labels", "attention_mask")})
+    batch["desirable"] = torch.tensor([item.desirable for item in items], dtype=torch.bool)
+    return batch

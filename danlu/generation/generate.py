@@ -1,6 +1,8 @@
 """Batched generation with a KV cache: prompts of different lengths are left-padded and decoded together.
 
 `decode_steps` is the loop; `generate` collects whole answers, `stream` yields text as it is decoded.
+Asked with `logprobs=True`, `decode_steps` and `generate` also give each sampled token's log-probability
+(what RLHF rollouts keep).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ class Completion:
     token_ids: list[int]
     text: str
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    logprobs: Optional[list[float]] = None  # one per token_ids entry, when asked for
 
 
 @dataclass
@@ -27,6 +30,7 @@ class Step:
     row: int
     token: int
     finish_reason: Optional[str]  # set on the row's last step
+    logprob: Optional[float] = None  # when decode_steps is asked for log-probs
 
 
 class ContextOverflow(ValueError):
@@ -34,12 +38,13 @@ class ContextOverflow(ValueError):
 
 
 def decode_steps(model, prompts: Sequence[Sequence[int]], config: GenerationConfig, eos_ids: Sequence[int],
-                 pad_id: int = 0, should_stop: Optional[Callable[[int, list[int]], bool]] = None
-                 ) -> Iterator[list[Step]]:
+                 pad_id: int = 0, should_stop: Optional[Callable[[int, list[int]], bool]] = None,
+                 logprobs: bool = False) -> Iterator[list[Step]]:
     """Yield, per decoding step, the token chosen for every row still running.
 
     A row ends on an EOS token, when `should_stop(row, generated_ids)` says so, or at max_new_tokens;
-    finished rows leave the batch (their cache rows are dropped) so the rest run faster.
+    finished rows leave the batch (their cache rows are dropped) so the rest run faster. With `logprobs`,
+    each Step carries its token's log-probability (see `sampled_token_logprobs`).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -76,6 +81,9 @@ def decode_steps(model, prompts: Sequence[Sequence[int]], config: GenerationConf
             tokens = next_tokens(logits, config, seen, generator)
             steps, keep = [], []
             is_eos = torch.isin(tokens, eos).tolist()
+            token_logprobs = [None] * len(rows)
+            if logprobs:
+                token_logprobs = sampled_token_logprobs(logits, tokens, config.temperature).tolist()
             for j, (row, token) in enumerate(zip(rows, tokens.tolist())):
                 generated[row].append(token)
                 reason = None
@@ -83,7 +91,7 @@ def decode_steps(model, prompts: Sequence[Sequence[int]], config: GenerationConf
                     reason = "stop"
                 elif step == max_new - 1:
                     reason = "length"
-                steps.append(Step(row, token, reason))
+                steps.append(Step(row, token, reason, token_logprobs[j]))
                 if reason is None:
                     keep.append(j)
             yield steps
@@ -103,20 +111,41 @@ def decode_steps(model, prompts: Sequence[Sequence[int]], config: GenerationConf
                            kv_cache=cache)[:, -1]
 
 
+def sampled_token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log_softmax(logits / temperature)[token] per row: the model's own distribution at the sampling
+    temperature, before repetition penalty and top-k/top-p trim it.
+
+    This is the distribution the token was drawn from, which PPO's probability ratio needs (TRL's PPOTrainer
+    since 0.11 divides by the temperature the same way; the 0.9 one that LLaMA-Factory drives recomputes
+    log-probs without it). Greedy decoding (temperature 0) and temperature 1 both give the plain log-softmax.
+    """
+    logits = logits.float()
+    if temperature not in (0, 1):
+        logits = logits / temperature
+    return torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
+
+
 def generate(model, tokenizer, prompts: Sequence[Sequence[int]], config: GenerationConfig,
-             eos_ids: Optional[Sequence[int]] = None, batch_size: Optional[int] = None) -> list[Completion]:
-    """Complete token-id prompts; answers stop at EOS, at a stop string (cut off), or at max_new_tokens."""
+             eos_ids: Optional[Sequence[int]] = None, batch_size: Optional[int] = None,
+             logprobs: bool = False, keep_eos: bool = False) -> list[Completion]:
+    """Complete token-id prompts; answers stop at EOS, at a stop string (cut off), or at max_new_tokens.
+
+    With `logprobs`, each Completion also holds the log-probability of each of its token_ids. With `keep_eos`
+    the EOS token that ended an answer stays in its token_ids (an RLHF policy learns when to stop).
+    """
     eos_ids = model.config.eos_token_ids if eos_ids is None else list(eos_ids)
     batch_size = batch_size or len(prompts)
     results: list[Completion] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
-        results.extend(_generate_batch(model, tokenizer, chunk, config, eos_ids))
+        results.extend(_generate_batch(model, tokenizer, chunk, config, eos_ids, logprobs, keep_eos))
     return results
 
 
-def _generate_batch(model, tokenizer, prompts, config, eos_ids) -> list[Completion]:
+def _generate_batch(model, tokenizer, prompts, config, eos_ids, logprobs: bool,
+                    keep_eos: bool = False) -> list[Completion]:
     tokens: list[list[int]] = [[] for _ in prompts]
+    token_logprobs: list[list[float]] = [[] for _ in prompts]
     reasons: list[str] = ["length"] * len(prompts)
 
     def stop_string_seen(row: int, ids: list[int]) -> bool:
@@ -124,19 +153,20 @@ def _generate_batch(model, tokenizer, prompts, config, eos_ids) -> list[Completi
 
     should_stop = stop_string_seen if config.stop else None
     pad_id = pad_token_id(tokenizer, model.config)
-    for steps in decode_steps(model, prompts, config, eos_ids, pad_id, should_stop):
+    for steps in decode_steps(model, prompts, config, eos_ids, pad_id, should_stop, logprobs):
         for s in steps:
-            if s.token not in eos_ids:
+            if keep_eos or s.token not in eos_ids:
                 tokens[s.row].append(s.token)
+                token_logprobs[s.row].append(s.logprob)
             if s.finish_reason:
                 reasons[s.row] = s.finish_reason
     completions = []
-    for prompt, ids, reason in zip(prompts, tokens, reasons):
+    for prompt, ids, reason, row_logprobs in zip(prompts, tokens, reasons, token_logprobs):
         text = tokenizer.decode(ids, skip_special_tokens=True)
         cut = find_stop(text, config.stop)
         if cut is not None:
             text, reason = text[:cut], "stop"
-        completions.append(Completion(list(prompt), ids, text, reason))
+        completions.append(Completion(list(prompt), ids, text, reason, row_logprobs if logprobs else None))
     return completions
 
 

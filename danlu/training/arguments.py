@@ -16,7 +16,9 @@ import yaml
 
 from danlu.utils.progress import logger
 
-STAGES = ("sft", "pt")
+STAGES = ("sft", "pt", "rm", "dpo", "kto", "ppo")
+PREF_LOSSES = ("sigmoid", "hinge", "ipo", "orpo", "simpo")
+REFERENCE_FREE = ("orpo", "simpo")  # DPO variants that need no reference model
 FINETUNING_TYPES = ("lora", "freeze", "full")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 OPTIMIZERS = ("adamw_torch", "adamw_hf", "sgd")
@@ -135,6 +137,36 @@ class TrainArguments:
     save_only_model: bool = ignored(False, "checkpoints always keep the optimizer and scheduler state, "
                                            "so that any of them can be resumed")
     loss_chunk_size: int = 0  # > 0: the head and cross-entropy run this many labelled tokens at a time
+    # preference training (rm, dpo, kto, ppo): LLaMA-Factory's RLHFArguments
+    pref_beta: float = 0.1
+    pref_ftx: float = 0.0  # weight of the SFT loss on the chosen answers, added to DPO / KTO
+    pref_loss: str = "sigmoid"
+    dpo_label_smoothing: float = 0.0  # cDPO's epsilon, sigmoid loss only
+    simpo_gamma: float = 0.5
+    kto_chosen_weight: float = 1.0
+    kto_rejected_weight: float = 1.0
+    pref_bco_weight: float = refused(0.0, "BCO's running-mean reward baseline is not implemented")
+    ld_alpha: Optional[float] = refused(None, "LD-DPO's verbosity weighting is not implemented")
+    ref_model: Optional[str] = None  # default: the model itself, its adapters off (LoRA) or a frozen copy
+    ref_model_adapters: Optional[str] = None
+    ref_model_quantization_bit: Optional[int] = None
+    reward_model: Optional[str] = None
+    reward_model_adapters: Optional[str] = None
+    reward_model_quantization_bit: Optional[int] = None
+    reward_model_type: str = "lora"  # lora | full | rule (danlu's: reward_model is e.g. contains:WORD)
+    ppo_buffer_size: int = 1
+    ppo_epochs: int = 4
+    ppo_score_norm: bool = False
+    ppo_target: float = 6.0
+    ppo_whiten_rewards: bool = False
+    # PPO rollouts: LLaMA-Factory's generating arguments (its defaults)
+    do_sample: bool = True
+    temperature: float = 0.95
+    top_p: float = 0.7
+    top_k: int = 50
+    max_new_tokens: int = 1024
+    repetition_penalty: float = 1.0
+    num_beams: int = refused(1, "rollouts are sampled, never decoded by beam search")
 
     def __post_init__(self) -> None:
         if self.evaluation_strategy is not None:
@@ -153,8 +185,9 @@ class TrainArguments:
         check_choice("eval_strategy", self.eval_strategy, STRATEGIES)
         check_choice("flash_attn", self.flash_attn, ("auto", "disabled", "sdpa", "fa2"))
         check_choice("report_to", self.report_to, ("none", "tensorboard", "all"))
-        if self.quantization_bit not in (None, 4, 8):
-            raise ArgumentError(f"quantization_bit must be 4 or 8 (or unset), got {self.quantization_bit}")
+        for key in ("quantization_bit", "ref_model_quantization_bit", "reward_model_quantization_bit"):
+            if getattr(self, key) not in (None, 4, 8):
+                raise ArgumentError(f"{key} must be 4 or 8 (or unset), got {getattr(self, key)}")
         if self.quantization_bit is not None and self.finetuning_type != "lora":
             raise ArgumentError("quantization_bit needs finetuning_type lora (QLoRA trains adapters on a "
                                 "quantized base)")
@@ -179,6 +212,31 @@ class TrainArguments:
             raise ArgumentError(f"loss_chunk_size must be 0 (off) or positive, got {self.loss_chunk_size}")
         if self.load_best_model_at_end and self.eval_strategy == "no":
             raise ArgumentError("load_best_model_at_end needs eval_strategy steps or epoch (and val_size > 0)")
+        self.validate_preference()
+
+    def validate_preference(self) -> None:
+        check_choice("pref_loss", self.pref_loss, PREF_LOSSES)
+        check_choice("reward_model_type", self.reward_model_type, ("lora", "full", "rule"))
+        if self.pref_beta <= 0:
+            raise ArgumentError(f"pref_beta must be positive, got {self.pref_beta}")
+        if not 0 <= self.dpo_label_smoothing <= 0.5:
+            raise ArgumentError(f"dpo_label_smoothing must be in [0, 0.5], got {self.dpo_label_smoothing}")
+        if self.dpo_label_smoothing and self.pref_loss != "sigmoid":
+            raise ArgumentError("dpo_label_smoothing is only valid with pref_loss sigmoid")
+        for key in ("ppo_buffer_size", "ppo_epochs", "max_new_tokens", "top_k"):
+            if getattr(self, key) <= 0:
+                raise ArgumentError(f"{key} must be positive, got {getattr(self, key)}")
+        if self.stage == "ppo" and not self.reward_model:
+            raise ArgumentError("reward_model is necessary for PPO training: a LoRA reward adapter trained with "
+                                "--stage rm (reward_model_type lora), a full reward model (full), or a rule such "
+                                "as contains:WORD (rule)")
+        if self.ref_model_adapters and not self.ref_model:
+            raise ArgumentError("ref_model_adapters needs ref_model (the base the adapters belong to)")
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether the stage compares with a frozen reference model (DPO but ORPO/SimPO, KTO, PPO)."""
+        return self.stage in ("kto", "ppo") or (self.stage == "dpo" and self.pref_loss not in REFERENCE_FREE)
 
     def names(self, key: str) -> list[str]:
         """A comma-separated key (dataset, eval_dataset, ...) as a list of names."""

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from danlu.checkpoints.hf import save_hf_checkpoint
+from danlu.checkpoints.value_head import save_value_head, sequence_classification_head
 from danlu.training.gradient_checkpointing import enable_gradient_checkpointing
 from danlu.tuning.freeze import apply_freeze
 from danlu.tuning.lora import LoRAConfig, apply_lora, base_state_dict, save_adapter
@@ -27,8 +28,9 @@ def lora_config(args) -> LoRAConfig:
                       modules_to_save=args.additional_target)
 
 
-def apply_finetuning(model, args) -> None:
-    """Make the method's weights trainable (and only those); QLoRA quantizes the frozen base first."""
+def apply_finetuning(model, args, trained_modules: tuple[str, ...] = ()) -> None:
+    """Make the method's weights trainable (and only those, with `trained_modules`, e.g. a value head, whatever
+    the method); QLoRA quantizes the frozen base first."""
     if args.finetuning_type == "lora":
         if args.quantization_bit is not None:
             quantized = quantize_model(model, args.quantization_bit)
@@ -38,18 +40,32 @@ def apply_finetuning(model, args) -> None:
         apply_freeze(model, args.freeze_trainable_layers, args.freeze_trainable_modules)
     else:
         model.requires_grad_(True)
+    for name in trained_modules:
+        model.get_submodule(name).requires_grad_(True)
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(model)
 
 
 def save_final(model, lm, args, output_dir: Path) -> Path:
-    """The trained adapter or full model, with the tokenizer, at the root of output_dir."""
+    """The trained adapter or full model, with the tokenizer, at the root of output_dir; a value head (rm, ppo)
+    beside it in value_head.safetensors, as LLaMA-Factory writes it. A full reward model also carries it as
+    `score`, so that AutoModelForSequenceClassification loads the directory."""
+    head = getattr(model, "v_head", None)
     with atomic_files(output_dir) as staged:
         if args.finetuning_type == "lora":
             save_adapter(model, staged, lora_config(args), base_model=lm.source)
         else:
-            save_hf_checkpoint(base_state_dict(model), lm.config, staged, torch.float32,
-                               generation_config=lm.generation_defaults)
+            state = {name: t for name, t in base_state_dict(model).items() if not name.startswith("v_head.")}
+            extra_config = None
+            if head is not None and args.stage == "rm":
+                score, extra_config = sequence_classification_head(head)
+                state.update(score)
+                if lm.config.pad_token_id is None:  # the classifier finds each row's last token by it
+                    extra_config["pad_token_id"] = lm.tokenizer.pad_token_id
+            save_hf_checkpoint(state, lm.config, staged, torch.float32, generation_config=lm.generation_defaults,
+                               extra_config=extra_config)
+        if head is not None:
+            save_value_head(head, staged)
         lm.tokenizer.save_pretrained(str(staged))
         (staged / ARGS_NAME).write_text(json.dumps(vars(args), indent=2, default=str), encoding="utf-8")
     logger.info("saved the %s in %s", "adapter" if args.finetuning_type == "lora" else "model", output_dir)

@@ -42,7 +42,8 @@ class TrainingLog:
         self.bar.close()
 
     def _window_start(self) -> None:
-        self.loss, self.steps, self.tokens, self.metrics, self.started = 0.0, 0, 0, {}, time.perf_counter()
+        self.loss, self.steps, self.tokens, self.started = 0.0, 0, 0, time.perf_counter()
+        self.metrics: dict[str, list[float]] = {}  # key -> [sum, count]: a metric a batch lacks is not a zero
 
     def add_step(self, loss: float, outputs: list) -> None:
         """One optimizer step (the StepOutputs of its micro-batches) into the logging window."""
@@ -50,14 +51,15 @@ class TrainingLog:
         self.tokens += sum(out.n_tokens for out in outputs)
         for out in outputs:
             for key, value in out.metrics.items():
-                self.metrics[key] = self.metrics.get(key, 0.0) + float(value) / len(outputs)
+                total = self.metrics.setdefault(key, [0.0, 0])
+                total[0], total[1] = total[0] + float(value), total[1] + 1
         self.bar.update(1)
 
     def write_window(self, state, lr: float, epoch: float, device) -> dict:
         """Write the means of the window's steps (loss, metrics), its throughput and memory; start a new one."""
         steps = max(self.steps, 1)
         record = {"step": state.global_step, "loss": self.loss / steps, "lr": lr, "epoch": epoch,
-                  **{k: v / steps for k, v in self.metrics.items()},
+                  **{k: total / count for k, (total, count) in self.metrics.items()},
                   "tokens_per_s": self.tokens / max(time.perf_counter() - self.started, 1e-9),
                   "memory_gib": memory_gib(device)}
         if self.include_tokens_seen:

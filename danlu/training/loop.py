@@ -63,7 +63,7 @@ def fit(model, stage: Stage, optimizer, scheduler, config: FitConfig, topology: 
             for group in groups[run.state.batch_in_epoch // config.gradient_accumulation_steps:]:
                 if run.state.global_step >= config.max_steps:
                     break
-                run.optimizer_step([stage.collate([stage.train[i] for i in batch]) for batch in group], batches)
+                run.train_on([[stage.train[i] for i in batch] for batch in group], batches)
             else:
                 run.state.epoch, run.state.batch_in_epoch = run.state.epoch + 1, 0
                 if config.eval_strategy == "epoch":
@@ -102,7 +102,21 @@ class _Run:
         with torch.autocast(self.topology.device.type, dtype=dtype, enabled=dtype is not None):
             return self.stage.step(self.model, batch)
 
-    def optimizer_step(self, micro_batches: list[dict], batches_in_epoch: int) -> None:
+    def train_on(self, group: list[list], batches_in_epoch: int) -> None:
+        """One accumulation group of examples: one optimizer step on it, or the stage's updates (PPO's rollout
+        and epochs over its experience). A checkpoint is taken only between groups, where resume can start."""
+        state, config = self.state, self.config
+        saves_before = state.global_step // config.save_steps
+        epoch = state.epoch + (state.batch_in_epoch + len(group)) / batches_in_epoch
+        for micro_batches in self.stage.updates(self.model, group) if self.stage.updates else [group]:
+            if state.global_step >= config.max_steps:
+                break
+            self.optimizer_step([self.stage.collate(examples) for examples in micro_batches], epoch)
+        state.batch_in_epoch += len(group)
+        if state.global_step // config.save_steps > saves_before:
+            self.save()
+
+    def optimizer_step(self, micro_batches: list[dict], epoch: float) -> None:
         outputs = []
         for batch in micro_batches:
             outputs.append(self.forward(batch))
@@ -119,17 +133,14 @@ class _Run:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         state, config = self.state, self.config
-        state.global_step, state.batch_in_epoch = state.global_step + 1, state.batch_in_epoch + len(outputs)
+        state.global_step += 1
         state.tokens_seen += sum(out.n_tokens for out in outputs)
         self.result.train_losses.append(loss)
         self.log.add_step(loss, outputs)
         if state.global_step % config.logging_steps == 0 or state.global_step == config.max_steps:
-            epoch = state.epoch + state.batch_in_epoch / batches_in_epoch
             self.log.write_window(state, self.scheduler.get_last_lr()[0], epoch, self.topology.device)
         if config.eval_strategy == "steps" and state.global_step % config.eval_steps == 0:
             self.evaluate()
-        if state.global_step % config.save_steps == 0:
-            self.save()
 
     def evaluate(self) -> None:
         """Validation loss (and metrics); with load_best_model_at_end a new best is saved at once."""

@@ -1,8 +1,8 @@
-"""What a stage (sft, pt, and later rm, dpo, ppo, kd) hands the training loop: its data and its step."""
+"""What a stage (pt, sft, rm, dpo, kto, ppo, and later kd) hands the training loop: its data and its step."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Iterable, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -15,6 +15,8 @@ class StepOutput(NamedTuple):
 
 
 Step = Callable[[torch.nn.Module, dict], StepOutput]
+# A group of micro-batches of examples -> the groups to take optimizer steps on (see Stage.updates).
+Updates = Callable[[torch.nn.Module, list[list]], Iterable[list[list]]]
 
 
 @dataclass
@@ -23,3 +25,9 @@ class Stage:
     eval: Sequence
     collate: Callable[[list], dict]
     step: Step
+    # Modules that train whatever the finetuning method (a value head); saved with the trainable weights.
+    trained_modules: tuple[str, ...] = ()
+    # None: each accumulation group of examples is one optimizer step. PPO instead rolls a group of prompts
+    # out into experience and takes several optimizer steps on it (updates_per_group of them).
+    updates: Optional[Updates] = None
+    updates_per_group: int = 1

@@ -27,7 +27,7 @@ from danlu.utils.progress import logger
 RUN_OUTPUTS = ("adapter_config.json", "adapter_model.safetensors", "config.json", "generation_config.json",
                "model.safetensors", "model-*.safetensors", "model.safetensors.index.json", "tokenizer*",
                "special_tokens_map.json", "chat_template.jinja", "trainer_log.jsonl", "training_loss.png",
-               "eval_loss.png", "train_args.json", "runs")
+               "eval_loss.png", "train_args.json", "runs", "value_head.safetensors")
 
 
 @dataclass
@@ -51,33 +51,38 @@ def train(args: TrainArguments) -> TrainResult:
         lm.model.init_weights()
     stage = RECIPES[args.stage](lm, args)
     model = lm.model
-    apply_finetuning(model, args)
+    apply_finetuning(model, args, stage.trained_modules)
     trainable, total = count_trainable(model)
     logger.info("trainable params: %d || all params: %d || trainable%%: %.4f", trainable, total,
                 100 * trainable / total)
     optimizer = build_optimizer(model, args.optim, args.learning_rate, args.weight_decay,
                                 (args.adam_beta1, args.adam_beta2), args.adam_epsilon, args.sgd_momentum)
-    max_steps = args.max_steps if args.max_steps > 0 else steps_for_epochs(
-        len(stage.train), args.num_train_epochs, args.per_device_train_batch_size, args.gradient_accumulation_steps,
-        topology)
+    # PPO counts its steps as LLaMA-Factory does: one per rollout of ppo_buffer_size groups of prompts
+    accumulation = args.gradient_accumulation_steps * (args.ppo_buffer_size if stage.updates else 1)
+    groups = args.max_steps if args.max_steps > 0 else steps_for_epochs(
+        len(stage.train), args.num_train_epochs, args.per_device_train_batch_size, accumulation, topology)
+    max_steps = groups * stage.updates_per_group
     scheduler = build_scheduler(optimizer, args.lr_scheduler_type,
                                 warmup_steps(max_steps, args.warmup_steps, args.warmup_ratio), max_steps)
     log = TrainingLog(output_dir, args.report_to, resume_from is not None, topology.is_main,
                       args.include_num_input_tokens_seen)
-    result = fit(model, stage, optimizer, scheduler, fit_config(args, max_steps, resume_from, log, topology),
-                 topology)
+    config = fit_config(args, max_steps, resume_from, log, topology, accumulation, stage.updates_per_group)
+    result = fit(model, stage, optimizer, scheduler, config, topology)
     if topology.is_main:
         save_final(model, lm, args, output_dir)
     log.finish(args.plot_loss)
     return TrainResult(result.state, result.train_losses, result.eval_losses, output_dir, trainable, total)
 
 
-def fit_config(args: TrainArguments, max_steps: int, resume_from, log, topology: Topology) -> FitConfig:
+def fit_config(args: TrainArguments, max_steps: int, resume_from, log, topology: Topology, accumulation: int,
+               updates_per_group: int = 1) -> FitConfig:
+    """`updates_per_group` optimizer steps make one of the user's steps (PPO), so the step counts scale."""
     return FitConfig(
         output_dir=Path(args.output_dir), max_steps=max_steps, batch_size=args.per_device_train_batch_size,
-        eval_batch_size=args.per_device_eval_batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
-        max_grad_norm=args.max_grad_norm, logging_steps=args.logging_steps, save_steps=args.save_steps,
-        eval_strategy=args.eval_strategy, eval_steps=args.eval_steps, save_total_limit=args.save_total_limit,
+        eval_batch_size=args.per_device_eval_batch_size, gradient_accumulation_steps=accumulation,
+        max_grad_norm=args.max_grad_norm, logging_steps=args.logging_steps * updates_per_group,
+        save_steps=args.save_steps * updates_per_group, eval_strategy=args.eval_strategy,
+        eval_steps=args.eval_steps * updates_per_group, save_total_limit=args.save_total_limit,
         load_best_model_at_end=args.load_best_model_at_end, seed=args.seed,
         autocast_dtype=autocast_dtype(args, topology.device), resume_from=resume_from, log=log)
 

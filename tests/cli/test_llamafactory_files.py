@@ -9,7 +9,7 @@ import torch
 
 from danlu.cli.main import main, parse_command_line
 from danlu.training import arguments
-from tests.conftest import make_hf_model, save_hf_model
+from tests.conftest import CHATML, byte_tokenizer, make_hf_model, save_hf_model
 from tests.llamafactory_examples import GPTQ_YAML, INFER_YAML, MERGE_YAML
 
 # LLaMA-Factory's examples/merge_lora/qwen3_full_sft.yaml is that file without its note and adapter: the model
@@ -17,24 +17,7 @@ from tests.llamafactory_examples import GPTQ_YAML, INFER_YAML, MERGE_YAML
 FULL_SFT_YAML = (MERGE_YAML[MERGE_YAML.index("### model"):]
                  .replace("adapter_name_or_path: saves/qwen3-4b/lora/sft\n", "")
                  .replace("Qwen/Qwen3-4B-Instruct-2507", "saves/qwen3-4b/full/sft"))
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 IDS = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(0))
-
-
-def byte_tokenizer():
-    """A byte-level tokenizer with ChatML's special tokens and chat template: real text, no download."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    core = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|endoftext|>", eos_token="<|im_end|>",
-                                        pad_token="<|endoftext|>", additional_special_tokens=["<|im_start|>"])
-    tokenizer.chat_template = CHATML
-    return tokenizer
 
 
 @pytest.fixture(scope="module")
