@@ -5,7 +5,7 @@ import argparse
 import sys
 from typing import Optional
 
-from danlu.cli import api, chat, convert, evaluate, export, fetch, generate, model_info, train, webui
+from danlu.cli import api, chat, convert, evaluate, export, fetch, generate, model_info, reward, train, webui
 from danlu.utils.progress import configure_logging
 
 SUBCOMMANDS = {
@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "webui": webui,
     "generate": generate,
     "eval": evaluate,
+    "reward": reward,
     "convert": convert,
     "model-info": model_info,
     "fetch-default-model": fetch,

@@ -178,6 +178,7 @@ class TrainArguments:
         self.validate()
 
     def validate(self) -> None:
+        check_refused(self)
         check_choice("stage", self.stage, STAGES)
         check_choice("finetuning_type", self.finetuning_type, FINETUNING_TYPES)
         check_choice("lr_scheduler_type", self.lr_scheduler_type, SCHEDULERS)
@@ -223,9 +224,13 @@ class TrainArguments:
             raise ArgumentError(f"dpo_label_smoothing must be in [0, 0.5], got {self.dpo_label_smoothing}")
         if self.dpo_label_smoothing and self.pref_loss != "sigmoid":
             raise ArgumentError("dpo_label_smoothing is only valid with pref_loss sigmoid")
-        for key in ("ppo_buffer_size", "ppo_epochs", "max_new_tokens", "top_k"):
+        for key in ("ppo_buffer_size", "ppo_epochs", "max_new_tokens"):
             if getattr(self, key) <= 0:
                 raise ArgumentError(f"{key} must be positive, got {getattr(self, key)}")
+        if self.top_k < 0 or self.temperature < 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0:
+            raise ArgumentError(f"sampling: top_k must be >= 0 (0: off), temperature >= 0, top_p in (0, 1] and "
+                                f"repetition_penalty > 0; got top_k={self.top_k}, temperature={self.temperature}, "
+                                f"top_p={self.top_p}, repetition_penalty={self.repetition_penalty}")
         if self.stage == "ppo" and not self.reward_model:
             raise ArgumentError("reward_model is necessary for PPO training: a LoRA reward adapter trained with "
                                 "--stage rm (reward_model_type lora), a full reward model (full), or a rule such "

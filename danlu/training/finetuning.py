@@ -21,6 +21,7 @@ from danlu.utils.atomic import atomic_files
 from danlu.utils.progress import logger
 
 ARGS_NAME = "train_args.json"
+NEVER_QUANTIZED = ("lm_head", "v_head.summary")  # QLoRA keeps the head and a value head (which trains) in float
 
 
 def lora_config(args) -> LoRAConfig:
@@ -33,7 +34,7 @@ def apply_finetuning(model, args, trained_modules: tuple[str, ...] = ()) -> None
     the method); QLoRA quantizes the frozen base first."""
     if args.finetuning_type == "lora":
         if args.quantization_bit is not None:
-            quantized = quantize_model(model, args.quantization_bit)
+            quantized = quantize_model(model, args.quantization_bit, skip=NEVER_QUANTIZED)
             logger.info("quantized %d linear layers to %d bits", len(quantized), args.quantization_bit)
         apply_lora(model, lora_config(args))
     elif args.finetuning_type == "freeze":

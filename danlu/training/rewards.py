@@ -17,6 +17,8 @@ from typing import Callable
 import torch
 
 from danlu.checkpoints.value_head import load_value_head, read_value_head
+from danlu.data.collate import collate
+from danlu.data.supervised import Tokenized
 from danlu.models.value_head import last_token_values, token_values
 from danlu.training.arguments import ArgumentError
 from danlu.utils.progress import logger
@@ -32,16 +34,15 @@ class ModelReward:
         self.model = model.eval().requires_grad_(False)
         self.pad_id = pad_id
 
-    @torch.no_grad()
     def __call__(self, queries: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
-        rows = [q + r for q, r in zip(queries, responses)]
-        longest = max(len(r) for r in rows)
+        return self.score([q + r for q, r in zip(queries, responses)])
+
+    @torch.no_grad()
+    def score(self, rows: list[list[int]]) -> torch.Tensor:
+        """One score per token sequence (a conversation ending with the answer's end marker)."""
         device = next(self.model.parameters()).device
-        input_ids = torch.full((len(rows), longest), self.pad_id, dtype=torch.long, device=device)
-        mask = torch.zeros_like(input_ids)
-        for i, row in enumerate(rows):
-            input_ids[i, :len(row)] = torch.tensor(row, device=device)
-            mask[i, :len(row)] = 1
+        batch = collate([Tokenized(row, row) for row in rows], self.pad_id)
+        input_ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         return last_token_values(token_values(self.model, input_ids, mask), mask).float()
 
 

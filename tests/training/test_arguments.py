@@ -59,3 +59,31 @@ def test_bad_yaml_names_file_and_line(tmp_path):
     config.write_text("stage: sft\ndataset: [unclosed\nlr: 1\n")
     with pytest.raises(ArgumentError, match=r"bad.yaml: invalid YAML at line \d"):
         parse_train_arguments([str(config)])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--stage", "dpo", "--pref_loss", "sigmiod"], "pref_loss must be one of .*did you mean 'sigmoid'"),
+    (["--stage", "dpo", "--pref_loss", "ipo", "--dpo_label_smoothing", "0.1"], "only valid with pref_loss sigmoid"),
+    (["--stage", "dpo", "--dpo_label_smoothing", "0.7"], r"dpo_label_smoothing must be in \[0, 0.5\]"),
+    (["--stage", "dpo", "--pref_beta", "0"], "pref_beta must be positive"),
+    (["--stage", "dpo", "--pref_bco_weight", "0.5"], "pref_bco_weight: 0.5 is not supported"),
+    (["--stage", "dpo", "--ld_alpha", "0.5"], "ld_alpha: 0.5 is not supported"),
+    (["--stage", "ppo"], "reward_model is necessary for PPO"),
+    (["--stage", "ppo", "--reward_model", "x", "--reward_model_type", "api"], "reward_model_type must be one of"),
+    (["--stage", "ppo", "--reward_model", "x", "--ppo_epochs", "0"], "ppo_epochs must be positive"),
+    (["--stage", "ppo", "--reward_model", "x", "--top_p", "0"], r"top_p in \(0, 1\]"),
+    (["--stage", "dpo", "--ref_model_adapters", "a"], "ref_model_adapters needs ref_model"),
+])
+def test_preference_keys_are_checked_before_any_work(flags, message):
+    with pytest.raises(ArgumentError, match=message):
+        parse_train_arguments(["--dataset", "d", *flags])
+
+
+def test_preference_keys_take_llama_factory_defaults():
+    args = parse_train_arguments(["--dataset", "d", "--stage", "dpo"])
+    assert (args.pref_beta, args.pref_loss, args.pref_ftx, args.simpo_gamma) == (0.1, "sigmoid", 0.0, 0.5)
+    assert args.uses_reference
+    assert not parse_train_arguments(["--dataset", "d", "--stage", "dpo", "--pref_loss", "orpo"]).uses_reference
+    ppo = parse_train_arguments(["--dataset", "d", "--stage", "ppo", "--reward_model", "r"])
+    assert (ppo.ppo_epochs, ppo.ppo_buffer_size, ppo.ppo_target, ppo.reward_model_type) == (4, 1, 6.0, "lora")
+    assert (ppo.temperature, ppo.top_p, ppo.top_k, ppo.max_new_tokens) == (0.95, 0.7, 50, 1024)

@@ -180,3 +180,14 @@ def test_ppo_raises_the_reward_and_stays_near_the_reference(tmp_path):
     assert result.state.global_step == 40 and len(rewards) == 10  # 10 rollouts of 32, 4 epochs each
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.15, rewards
     assert max(kls) < 3.0, kls
+
+
+def test_qlora_quantizes_the_backbone_but_keeps_the_value_head_trainable_in_float():
+    from danlu.training.arguments import TrainArguments
+    from danlu.training.finetuning import apply_finetuning
+
+    model = tiny_model()
+    attach_value_head(model, bias=False)
+    apply_finetuning(model, TrainArguments(dataset="d", quantization_bit=4, lora_rank=4), ("v_head",))
+    assert type(model.v_head.summary) is torch.nn.Linear and model.v_head.summary.weight.requires_grad
+    assert type(model.model.layers[0].self_attn.q_proj.base_layer).__name__ == "QuantizedLinear"

@@ -17,6 +17,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
+from danlu.data.collate import collate
 from danlu.data.dataset import prepare_sft_data
 from danlu.data.preference import last_answer_start
 from danlu.data.supervised import Tokenized
@@ -148,18 +149,12 @@ def pad_rows(rows: list[list[float]]) -> torch.Tensor:
 
 def sequence_batch(queries: list[list[int]], responses: list[list[int]], pad_id: int) -> dict:
     """query + response per row, right-padded, with where each row's response starts and how long it is."""
-    rows = [q + r for q, r in zip(queries, responses)]
-    longest = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, :len(row)] = torch.tensor(row)
-        attention_mask[i, :len(row)] = 1
+    batch = collate([Tokenized(q + r, q + r) for q, r in zip(queries, responses)], pad_id)
     starts = torch.tensor([len(q) for q in queries])
     lengths = torch.tensor([len(r) for r in responses])
     response_mask = (torch.arange(int(lengths.max()))[None, :] < lengths[:, None]).float()
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "starts": starts, "lengths": lengths,
-            "response_mask": response_mask}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "starts": starts,
+            "lengths": lengths, "response_mask": response_mask}
 
 
 def response_rows(per_position: torch.Tensor, batch: dict) -> torch.Tensor:

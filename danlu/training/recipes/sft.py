@@ -54,3 +54,6 @@ def report(data: PreparedData, cutoff_len: int) -> None:
     if data.tokenized.dropped:
         logger.info("%d example(s) had no answer left within cutoff_len=%d and were dropped",
                     data.tokenized.dropped, cutoff_len)
+    if getattr(data.tokenized, "identical", 0):  # pairs (rm, dpo) whose chosen and rejected answers are the same
+        logger.warning("%d pair(s) had identical chosen and rejected answers and were dropped",
+                       data.tokenized.identical)
