@@ -7,7 +7,8 @@ bench/bench_training.py's: the same model for every engine, SmolLM2-135M-Instruc
 from the Hugging Face directory danlu keeps for the bundled GGUF in `$DANLU_HOME/gguf-cache/`; one fresh
 subprocess per engine + mode (peak RSS = ru_maxrss of that process: imports, load and training); warm-up steps,
 then the median of the timed steps; engines interleaved (ABBA over --rounds), the timed steps of all rounds
-pooled. LoRA r=8, alpha=16, dropout 0 on every linear but lm_head (q, k, v, o, gate, up, down); AdamW(lr=1e-5,
+pooled (a round that other processes disturbed even after its reruns is left out when another round was not).
+LoRA r=8, alpha=16, dropout 0 on every linear but lm_head (q, k, v, o, gate, up, down); AdamW(lr=1e-5,
 weight_decay=0), clip_grad_norm_(1.0), no accumulation, no gradient checkpointing, no autocast.
 
 dpo - one optimizer step on one fixed batch of 2 pairs: prompt 64 + answer 192 random token ids (seed 0), the
@@ -187,7 +188,7 @@ def trainable(model) -> list:
 
 # ---------------------------------------------------------------- workers: one engine, one mode, one process
 
-def load_danlu_lora(model_dir: str):
+def load_danlu(model_dir: str):
     """The danlu model and its tokenizer, LoRA not yet applied (PPO copies the base first)."""
     from danlu.checkpoints.load import load_pretrained
 
@@ -214,7 +215,7 @@ def dpo_danlu(model_dir: str, warmup: int, steps: int) -> dict:
     from danlu.training.recipes.pt import pad_id
     from danlu.training.reference import Reference
 
-    model, tokenizer = load_danlu_lora(model_dir)
+    model, tokenizer = load_danlu(model_dir)
     add_lora(model)
     model.train()
     pairs = [TokenizedPair(Tokenized(p + c, [IGNORE_INDEX] * len(p) + c), Tokenized(p + r, [IGNORE_INDEX] * len(p) + r))
@@ -269,7 +270,8 @@ def dpo_trl(model_dir: str, warmup: int, steps: int) -> dict:
     pairs = fixed_pairs(model.config.vocab_size)
     dataset = Dataset.from_dict({"prompt_ids": [p for p, _, _ in pairs], "chosen_ids": [c for _, c, _ in pairs],
                                  "rejected_ids": [r for _, _, r in pairs]})
-    args = DPOConfig(output_dir=tempfile.mkdtemp(prefix="bench-dpo-"), max_steps=warmup + steps,
+    output_dir = tempfile.TemporaryDirectory(prefix="bench-dpo-")  # nothing is saved; removed at exit
+    args = DPOConfig(output_dir=output_dir.name, max_steps=warmup + steps,
                      per_device_train_batch_size=PAIRS, gradient_accumulation_steps=1, learning_rate=LR,
                      lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, optim="adamw_torch",
                      max_grad_norm=1.0, beta=BETA, loss_type=["sigmoid"], gradient_checkpointing=False,
@@ -287,7 +289,7 @@ def dpo_trl(model_dir: str, warmup: int, steps: int) -> dict:
         trainer.train()
         return timer.result()
 
-    return {"params": trainable(trainer.model), "run": run}
+    return {"params": trainable(trainer.model), "run": run, "output_dir": output_dir}
 
 
 class TrainerSteps:
@@ -367,7 +369,7 @@ def ppo_danlu(model_dir: str, warmup: int, steps: int) -> dict:
     from danlu.training.reference import Reference
     from danlu.training.rewards import ModelReward
 
-    model, tokenizer = load_danlu_lora(model_dir)
+    model, tokenizer = load_danlu(model_dir)
     model.config.eos_token_id = None  # EOS disabled: every answer is PPO_NEW tokens long
     torch.manual_seed(0)
     reward_model = copy.deepcopy(model)  # as build_reward: a copy of the starting base, with its value head
