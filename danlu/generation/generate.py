@@ -112,8 +112,8 @@ def decode_steps(model, prompts: Sequence[Sequence[int]], config: GenerationConf
 
 
 def sampled_token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log_softmax(logits / temperature)[token] per row: the model's own distribution at the sampling
-    temperature, before repetition penalty and top-k/top-p trim it.
+    """log_softmax(logits / temperature)[token] per row (or per position: logits [..., vocab], tokens [...]): the
+    model's own distribution at the sampling temperature, before repetition penalty and top-k/top-p trim it.
 
     This is the distribution the token was drawn from, which PPO's probability ratio needs (TRL's PPOTrainer
     since 0.11 divides by the temperature the same way; the 0.9 one that LLaMA-Factory drives recomputes
@@ -122,7 +122,7 @@ def sampled_token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperatu
     logits = logits.float()
     if temperature not in (0, 1):
         logits = logits / temperature
-    return torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
+    return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 def generate(model, tokenizer, prompts: Sequence[Sequence[int]], config: GenerationConfig,

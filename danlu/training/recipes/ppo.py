@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Iterator, Optional
+from typing import Iterator
 
 import torch
 
@@ -21,7 +21,7 @@ from danlu.data.collate import collate
 from danlu.data.dataset import prepare_sft_data
 from danlu.data.preference import last_answer_start
 from danlu.data.supervised import Tokenized
-from danlu.generation.generate import generate
+from danlu.generation.generate import generate, sampled_token_logprobs
 from danlu.generation.sampling import GenerationConfig
 from danlu.models.value_head import attach_value_head
 from danlu.training.ppo import (PPOHyperparameters, RunningMoments, advantages_and_returns, kl_controller,
@@ -167,11 +167,7 @@ def response_rows(per_position: torch.Tensor, batch: dict) -> torch.Tensor:
 
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float) -> torch.Tensor:
     """log p(next token) at every position, at the sampling temperature (as the rollout's log-probs)."""
-    logits = logits.float()
-    if temperature not in (0, 1):
-        logits = logits / temperature
-    targets = torch.cat([input_ids[:, 1:], input_ids[:, -1:]], dim=1)
-    return torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+    return sampled_token_logprobs(logits, torch.cat([input_ids[:, 1:], input_ids[:, -1:]], dim=1), temperature)
 
 
 def collate_experience(items: list[Experience], pad_id: int) -> dict:
