@@ -11,6 +11,7 @@ The model is ready for parallelism applied from outside:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional
 
 import torch
@@ -46,6 +47,33 @@ def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     return x.view(batch, seq, -1, head_dim).transpose(1, 2)
 
 
+@dataclass
+class Intermediates:
+    """What a forward pass records beside its output when handed one (distillation reads it).
+
+    hidden_states: the embedding output, then each block's output (the residual stream, before the final norm).
+    attention_scores: per block, q.k / sqrt(head_dim) [batch, heads, queries, keys] before masking and softmax,
+    recorded only when `attention_scores` is asked for; that takes the explicit attention path instead of SDPA.
+    """
+
+    attention_scores: bool = False
+    hidden_states: list = field(default_factory=list)
+    scores: list = field(default_factory=list)
+
+
+def explicit_attention(q, k, v, mask: Optional[torch.Tensor], is_causal: bool):
+    """softmax(q.k / sqrt(d) + mask) v written out, so that the scores can be kept: (output, scores)."""
+    if k.shape[1] != q.shape[1]:  # grouped-query attention: each key/value head serves a group of query heads
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    if is_causal:
+        mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril(scores.shape[-1] - scores.shape[-2])
+    masked = scores if mask is None else scores.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(masked.float(), dim=-1).to(v.dtype)
+    return weights @ v, scores
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
@@ -61,7 +89,8 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else nn.Identity()
 
-    def forward(self, x, cos, sin, mask: Optional[torch.Tensor], kv_cache=None) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask: Optional[torch.Tensor], kv_cache=None,
+                intermediates: Optional[Intermediates] = None) -> torch.Tensor:
         batch, seq, _ = x.shape
         q = self.q_norm(split_heads(self.q_proj(x), self.head_dim))
         k = self.k_norm(split_heads(self.k_proj(x), self.head_dim))
@@ -71,8 +100,12 @@ class Attention(nn.Module):
             k, v = kv_cache.update(self.layer_idx, k, v)
         # mask None means plain causal attention over keys that all precede or equal the queries.
         is_causal = mask is None and seq > 1
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                             enable_gqa=q.shape[1] != k.shape[1])
+        if intermediates is not None and intermediates.attention_scores:
+            out, scores = explicit_attention(q, k, v, mask, is_causal)
+            intermediates.scores.append(scores)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                                 enable_gqa=q.shape[1] != k.shape[1])
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -100,8 +133,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask, kv_cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache)
+    def forward(self, x, cos, sin, mask, kv_cache=None, intermediates: Optional[Intermediates] = None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, intermediates)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -196,6 +229,7 @@ class Transformer(nn.Module):
         last_only: bool = False,
         return_hidden: bool = False,
         document_ids: Optional[torch.Tensor] = None,
+        intermediates: Optional[Intermediates] = None,
     ) -> torch.Tensor:
         """Logits [batch, seq, vocab] (or [batch, 1, vocab] with last_only).
 
@@ -204,6 +238,7 @@ class Transformer(nn.Module):
         attention_mask [batch, past + seq] marks real tokens with 1 and padding with 0 (left padding).
         document_ids [batch, seq] (training on packed rows): tokens attend only within their own document,
         whose positions start again at 0; id 0 is padding.
+        intermediates: filled with the hidden states (and attention scores if it asks) on the way.
         """
         seq = input_ids.shape[1]
         past = kv_cache.length if kv_cache is not None else 0
@@ -211,8 +246,12 @@ class Transformer(nn.Module):
                                                       input_ids.device)
         x = self.model.embed_tokens(input_ids) if self.model.embed_tokens is not None else input_ids
         cos, sin = rope_cos_sin(self.rope_inverse_frequencies(x.device), position_ids, x.dtype)
+        if intermediates is not None:
+            intermediates.hidden_states.append(x)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, kv_cache)
+            x = layer(x, cos, sin, mask, kv_cache, intermediates)
+            if intermediates is not None:
+                intermediates.hidden_states.append(x)
         if kv_cache is not None:
             kv_cache.advance(seq)
         if self.model.norm is not None:
