@@ -108,7 +108,12 @@ def download_from_hub(repo_id: str, hub: str) -> Path:
 def load_pretrained(name: str | os.PathLike | None = None, dtype: str | torch.dtype | None = "auto",
                     device: str | torch.device | None = None, hub: str | None = None,
                     show_progress: bool = False, seed: int = 0) -> Pretrained:
-    """Load a model and its tokenizer. No name means the bundled SmolLM2-135M-Instruct."""
+    """Load a model and its tokenizer. No name means the bundled SmolLM2-135M-Instruct.
+
+    A BERT directory (BertModel, or a BERT task model's encoder) gives the encoder, whose forward returns the
+    last hidden states, with its tokenizer; the real all-MiniLM-L6-v2 is the directory that
+    danlu.checkpoints.bundled.ensure_bundled_encoder() returns.
+    """
     device = torch.device(device or default_device())
     dtype = parse_dtype(dtype, device)
     source = resolve_source(name, hub)
@@ -159,7 +164,8 @@ def _load_gguf(path: Path, dtype, device, show_progress) -> Pretrained:
 def _load_hf(directory: Path, dtype, device, show_progress) -> Pretrained:
 
     config = hf_format.read_hf_config(directory)
-    state = hf_format.load_hf_state_dict(directory, expected_shapes(config), dtype, show_progress)
+    state = hf_format.load_hf_state_dict(directory, expected_shapes(config), dtype, show_progress,
+                                         config.architecture)
     model = model_from_state_dict(config, state, device)
     tokenizer = load_tokenizer_if_present(directory)
     generation_defaults = {}

@@ -46,6 +46,9 @@ def decode_steps(model, prompts: Sequence[Sequence[int]], config: GenerationConf
     finished rows leave the batch (their cache rows are dropped) so the rest run faster. With `logprobs`,
     each Step carries its token's log-probability (see `sampled_token_logprobs`).
     """
+    if not model.config.causal:
+        raise ValueError(f"{model.config.name or 'this model'} is an encoder (causal=False): it has no "
+                         f"language-model head and cannot generate text")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     device = next(model.parameters()).device

@@ -1,6 +1,9 @@
-"""ModelConfig: the one description of a decoder transformer; every family is a set of values here.
+"""ModelConfig: the one description of a transformer; every family is a set of values here.
 
-Field names follow Hugging Face's config.json so that the mapping to and from it stays thin.
+Field names follow Hugging Face's config.json so that the mapping to and from it stays thin. The defaults
+are a Llama decoder; an encoder such as BERT is other values of the same fields: `causal=False`,
+`position_embedding_type="absolute"`, `type_vocab_size`, `embedding_norm`, `norm_position="post"`,
+`mlp="gelu_exact"`, biases everywhere and LayerNorm.
 """
 from __future__ import annotations
 
@@ -9,9 +12,16 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 NORMS = ("rmsnorm", "layernorm")
-MLPS = ("swiglu", "gelu")
+# swiglu: down(silu(gate(x)) * up(x)); gelu: down(gelu(up(x))) with the tanh approximation (Hugging Face's
+# gelu_pytorch_tanh); gelu_exact: the same with the exact erf GELU (Hugging Face's "gelu", BERT's).
+MLPS = ("swiglu", "gelu", "gelu_exact")
 ROPE_TYPES = ("default", "linear", "llama3")
-ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "custom")
+# rope: rotary embeddings on q and k in every block; absolute: a learned table added to the token
+# embeddings (BERT's "absolute").
+POSITION_EMBEDDING_TYPES = ("rope", "absolute")
+# pre: x + f(norm(x)) and a final norm (Llama); post: norm(x + f(x)) and no final norm (BERT).
+NORM_POSITIONS = ("pre", "post")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "bert", "custom")
 
 
 class ConfigError(ValueError):
@@ -40,6 +50,13 @@ class ModelConfig:
     sliding_window: Optional[int] = None
     max_position_embeddings: int = 4096
     initializer_range: float = 0.02  # std of the normal initialisation of linear and embedding weights
+    # The encoder switches (BERT). The defaults keep every decoder as it was.
+    causal: bool = True  # False: every token attends to every other (padding excepted); no lm_head
+    position_embedding_type: str = "rope"  # see POSITION_EMBEDDING_TYPES
+    type_vocab_size: int = 0  # token type (segment) embeddings added to the token embeddings; 0 = none
+    embedding_norm: bool = False  # a norm on the summed embeddings (BERT's embeddings.LayerNorm)
+    norm_position: str = "pre"  # see NORM_POSITIONS
+    add_pooling_layer: bool = False  # BERT's pooler: tanh(dense(first token)), kept so checkpoints round-trip
     architecture: str = "llama"  # which Hugging Face family export writes
     bos_token_id: Optional[int] = None
     eos_token_id: Any = None  # int or list of ints
@@ -66,11 +83,20 @@ class ModelConfig:
         _check_choice("norm", self.norm, NORMS)
         _check_choice("mlp", self.mlp, MLPS)
         _check_choice("architecture", self.architecture, ARCHITECTURES)
+        _check_choice("position_embedding_type", self.position_embedding_type, POSITION_EMBEDDING_TYPES)
+        _check_choice("norm_position", self.norm_position, NORM_POSITIONS)
+        for name in ("causal", "embedding_norm", "add_pooling_layer"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.type_vocab_size, int) or isinstance(self.type_vocab_size, bool) \
+                or self.type_vocab_size < 0:
+            raise ConfigError(f"type_vocab_size must be a non-negative integer (0 = none), "
+                              f"got {self.type_vocab_size!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})")
-        if self.head_dim % 2:
+        if self.position_embedding_type == "rope" and self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
         if self.rope_theta <= 0:
             raise ConfigError(f"rope_theta must be positive, got {self.rope_theta}")
@@ -82,6 +108,17 @@ class ModelConfig:
             raise ConfigError(f"sliding_window must be a positive integer or None, got {self.sliding_window!r}")
         if self.rope_scaling is not None:
             _validate_rope_scaling(self.rope_scaling)
+            if self.position_embedding_type != "rope":
+                raise ConfigError(f"rope_scaling needs position_embedding_type 'rope', "
+                                  f"got {self.position_embedding_type!r}")
+        if self.sliding_window is not None and not self.causal:
+            raise ConfigError("sliding_window is for causal models only (causal=False here)")
+
+    @property
+    def has_lm_head(self) -> bool:
+        """A decoder ends in the language-model head; an encoder (causal=False, like Hugging Face's BertModel)
+        returns its last hidden states."""
+        return self.causal
 
     @property
     def rope_type(self) -> str:

@@ -1,4 +1,4 @@
-"""Named configurations with the published sizes of the families danlu covers."""
+"""Named configurations with the published sizes of the families danlu covers (decoders and BERT encoders)."""
 from __future__ import annotations
 
 import copy
@@ -27,6 +27,12 @@ _llama2 = _family(architecture="llama", norm_eps=1e-5, rope_theta=10000.0, vocab
                   max_position_embeddings=4096, bos_token_id=1, eos_token_id=2)
 _llama3 = _family(architecture="llama", norm_eps=1e-5, rope_theta=500000.0, vocab_size=128256,
                   max_position_embeddings=131072, bos_token_id=128000, eos_token_id=128001)
+# BERT encoders (BertModel): bidirectional, learned positions and token types, post-norm LayerNorm blocks with
+# biases, exact GELU, no lm_head; the pooler kept so that the checkpoint round-trips.
+_bert = _family(architecture="bert", causal=False, position_embedding_type="absolute", type_vocab_size=2,
+                embedding_norm=True, norm_position="post", norm="layernorm", norm_eps=1e-12, mlp="gelu_exact",
+                qkv_bias=True, o_bias=True, mlp_bias=True, add_pooling_layer=True, max_position_embeddings=512,
+                pad_token_id=0)
 _smollm2 = _family(architecture="llama", norm_eps=1e-5, rope_theta=100000.0, vocab_size=49152,
                    max_position_embeddings=8192, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
                    pad_token_id=2)
@@ -87,6 +93,10 @@ PRESETS: dict[str, ModelConfig] = {
                              num_key_value_heads=5, intermediate_size=2560),
     "smollm2-1.7b": _smollm2(name="smollm2-1.7b", num_hidden_layers=24, hidden_size=2048, num_attention_heads=32,
                              num_key_value_heads=32, intermediate_size=8192, rope_theta=130000.0),
+    # sentence-transformers/all-MiniLM-L6-v2 (its BertModel): random weights here; the real ones come from
+    # danlu.checkpoints.bundled.ensure_bundled_encoder().
+    "all-minilm-l6-v2": _bert(name="all-minilm-l6-v2", num_hidden_layers=6, hidden_size=384,
+                              num_attention_heads=12, intermediate_size=1536, vocab_size=30522),
     # Tiny random-weight configs for fast tests; one per family switch set.
     "tiny-llama": ModelConfig(name="tiny-llama", architecture="llama", num_hidden_layers=2, hidden_size=64,
                               num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
@@ -102,6 +112,8 @@ PRESETS: dict[str, ModelConfig] = {
                                 num_attention_heads=4, num_key_value_heads=1, intermediate_size=128,
                                 vocab_size=256, max_position_embeddings=256, sliding_window=8, norm_eps=1e-5,
                                 bos_token_id=1, eos_token_id=2),
+    "tiny-bert": _bert(name="tiny-bert", num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                       intermediate_size=128, vocab_size=256, max_position_embeddings=64),
 }
 
 

@@ -1,7 +1,12 @@
-"""The decoder-only transformer. One class for every family; the family is a ModelConfig.
+"""The transformer. One class for every family; the family is a ModelConfig.
 
 Module names match Hugging Face's Llama (model.layers.N.self_attn.q_proj, mlp.gate_proj, lm_head, ...),
 so Llama, Qwen2, Qwen3, Mistral and SmolLM2 checkpoints load without renaming.
+
+An encoder (BERT) is the same classes with other values: bidirectional attention over the non-padding keys,
+learned position and token type embeddings and a norm on their sum (`Decoder.embed`), post-norm blocks
+(`Block.sublayer`), exact GELU, and no final norm nor lm_head: forward returns the last hidden states.
+danlu.checkpoints.hf maps BERT's tensor names onto these.
 
 The model is ready for parallelism applied from outside:
 * tensor parallel: attention takes its head counts from the tensors, so a shard holding a slice of the
@@ -51,7 +56,8 @@ def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
 class Intermediates:
     """What a forward pass records beside its output when handed one (distillation reads it).
 
-    hidden_states: the embedding output, then each block's output (the residual stream, before the final norm).
+    hidden_states: the embedding output, then each block's output (the residual stream, before the final norm;
+    a post-norm block's output is already normalised, as Hugging Face's BERT hidden states are).
     attention_scores: per block, q.k / sqrt(head_dim) [batch, heads, queries, keys] before masking and softmax,
     recorded only when `attention_scores` is asked for; that takes the explicit attention path instead of SDPA.
     """
@@ -79,6 +85,7 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.head_dim = config.head_dim
+        self.causal = config.causal
         q_size = config.num_attention_heads * config.head_dim
         kv_size = config.num_key_value_heads * config.head_dim
         self.q_proj = nn.Linear(config.hidden_size, q_size, bias=config.qkv_bias)
@@ -91,15 +98,17 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask: Optional[torch.Tensor], kv_cache=None,
                 intermediates: Optional[Intermediates] = None) -> torch.Tensor:
+        """cos and sin are None when positions are learned embeddings (added once, at the input)."""
         batch, seq, _ = x.shape
         q = self.q_norm(split_heads(self.q_proj(x), self.head_dim))
         k = self.k_norm(split_heads(self.k_proj(x), self.head_dim))
         v = split_heads(self.v_proj(x), self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cos is not None:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)
-        # mask None means plain causal attention over keys that all precede or equal the queries.
-        is_causal = mask is None and seq > 1
+        # mask None means plain causal attention (a decoder) or attention to every key (an encoder).
+        is_causal = self.causal and mask is None and seq > 1
         if intermediates is not None and intermediates.attention_scores:
             out, scores = explicit_attention(q, k, v, mask, is_causal)
             intermediates.scores.append(scores)
@@ -113,6 +122,7 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.gated = config.mlp == "swiglu"
+        self.gelu_approximation = "none" if config.mlp == "gelu_exact" else "tanh"
         if self.gated:
             self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
@@ -121,21 +131,34 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+        return self.down_proj(F.gelu(self.up_proj(x), approximate=self.gelu_approximation))
 
 
 class Block(nn.Module):
+    """Attention then MLP, each a residual sublayer with its own norm.
+
+    input_layernorm is the attention sublayer's norm and post_attention_layernorm the MLP's (Llama's names):
+    pre-norm applies each before its sublayer, post-norm (BERT) after the residual sum.
+    """
+
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx  # the KV cache slot, and the block's name in Layers
+        self.norm_position = config.norm_position
         self.input_layernorm = make_norm(config)
         self.self_attn = Attention(config, layer_idx)
         self.post_attention_layernorm = make_norm(config)
         self.mlp = MLP(config)
 
     def forward(self, x, cos, sin, mask, kv_cache=None, intermediates: Optional[Intermediates] = None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, intermediates)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = self.sublayer(x, lambda h: self.self_attn(h, cos, sin, mask, kv_cache, intermediates),
+                          self.input_layernorm)
+        return self.sublayer(x, self.mlp, self.post_attention_layernorm)
+
+    def sublayer(self, x, f, norm):
+        if self.norm_position == "pre":
+            return x + f(norm(x))  # Llama
+        return norm(x + f(x))  # BERT
 
 
 class Layers(nn.Module):
@@ -163,14 +186,48 @@ class Layers(nn.Module):
 class Decoder(nn.Module):
     """The body (Hugging Face's `model.` prefix): embeddings, blocks and final norm.
 
-    In a pipeline stage the embedding and the norm may be absent (None).
+    In a pipeline stage the embedding and the norm may be absent (None). An encoder (BERT) adds learned
+    position and token type embeddings and a norm on the summed embeddings; it has no final norm.
     """
 
     def __init__(self, config: ModelConfig, layers: range, embed: bool = True, norm: bool = True):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size) if embed else None
+        self.embed_positions = self.embed_token_types = self.embed_norm = None
+        if embed and config.position_embedding_type == "absolute":
+            self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        if embed and config.type_vocab_size:
+            self.embed_token_types = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        if embed and config.embedding_norm:
+            self.embed_norm = make_norm(config)
         self.layers = Layers(Block(config, i) for i in layers)
         self.norm = make_norm(config) if norm else None
+
+    def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+              token_type_ids: Optional[torch.Tensor]) -> torch.Tensor:
+        """Token embeddings, plus (BERT) token type and position embeddings, then the embedding norm."""
+        x = self.embed_tokens(input_ids)
+        if self.embed_token_types is not None:
+            if token_type_ids is None:
+                token_type_ids = torch.zeros_like(input_ids)
+            x = x + self.embed_token_types(token_type_ids)
+        if self.embed_positions is not None:
+            x = x + self.embed_positions(position_ids)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
+        return x
+
+
+class Pooler(nn.Module):
+    """BERT's pooler, tanh(dense(hidden state of the first token)): kept so that BERT checkpoints load and are
+    written whole. The forward pass never calls it; sentence embeddings mean-pool (danlu.models.pooling)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense(hidden[:, 0]))
 
 
 class Transformer(nn.Module):
@@ -179,6 +236,8 @@ class Transformer(nn.Module):
     layers: which layer indices this module holds (default: all).
     embed=False: no token embedding; forward takes hidden states [batch, seq, hidden] instead of token ids.
     head=False: no final norm and no lm_head; forward returns the hidden states after the last layer.
+    An encoder (config.causal False) never has an lm_head and, being post-norm, no final norm: forward
+    returns its last hidden states; its optional pooler rides with the head.
     """
 
     def __init__(self, config: ModelConfig, layers: Optional[range] = None, embed: bool = True,
@@ -187,8 +246,11 @@ class Transformer(nn.Module):
         self.config = config
         layers = range(config.num_hidden_layers) if layers is None else layers
         check_layer_range(layers, config.num_hidden_layers)
-        self.model = Decoder(config, layers, embed=embed, norm=head)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False) if head else None
+        self.model = Decoder(config, layers, embed=embed, norm=head and config.norm_position == "pre")
+        self.lm_head = None
+        if head and config.has_lm_head:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.pooler = Pooler(config) if head and config.add_pooling_layer else None
         self.tie_weights()
         self._inv_freq: Optional[torch.Tensor] = None
 
@@ -230,22 +292,28 @@ class Transformer(nn.Module):
         return_hidden: bool = False,
         document_ids: Optional[torch.Tensor] = None,
         intermediates: Optional[Intermediates] = None,
+        token_type_ids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Logits [batch, seq, vocab] (or [batch, 1, vocab] with last_only).
+        """Logits [batch, seq, vocab] (or [batch, 1, vocab] with last_only); an encoder's last hidden states.
 
         input_ids are token ids [batch, seq], or hidden states [batch, seq, hidden] for a stage built
         without the embedding; a stage without the head returns hidden states.
-        attention_mask [batch, past + seq] marks real tokens with 1 and padding with 0 (left padding).
+        attention_mask [batch, past + seq] marks real tokens with 1 and padding with 0 (left padding for a
+        decoder; an encoder masks the padded keys wherever they are, BERT's tokenizers pad on the right).
         document_ids [batch, seq] (training on packed rows): tokens attend only within their own document,
         whose positions start again at 0; id 0 is padding.
         intermediates: filled with the hidden states (and attention scores if it asks) on the way.
+        token_type_ids [batch, seq] (models with type_vocab_size, BERT's segments): absent means all 0.
         """
         seq = input_ids.shape[1]
         past = kv_cache.length if kv_cache is not None else 0
         mask, position_ids = self._mask_and_positions(attention_mask, position_ids, document_ids, past, seq,
                                                       input_ids.device)
-        x = self.model.embed_tokens(input_ids) if self.model.embed_tokens is not None else input_ids
-        cos, sin = rope_cos_sin(self.rope_inverse_frequencies(x.device), position_ids, x.dtype)
+        if self.model.embed_tokens is not None:
+            x = self.model.embed(input_ids, position_ids, token_type_ids)
+        else:
+            x = input_ids
+        cos, sin = self._rope(position_ids, x)
         if intermediates is not None:
             intermediates.hidden_states.append(x)
         for layer in self.model.layers:
@@ -262,7 +330,18 @@ class Transformer(nn.Module):
             x = x[:, -1:]
         return self.lm_head(x)
 
+    def _rope(self, position_ids, x) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        if self.config.position_embedding_type != "rope":
+            return None, None  # learned positions were added to the embeddings
+        return rope_cos_sin(self.rope_inverse_frequencies(x.device), position_ids, x.dtype)
+
     def _mask_and_positions(self, attention_mask, position_ids, document_ids, past: int, seq: int, device):
+        if not self.config.causal:
+            if document_ids is not None:
+                raise ValueError("document_ids (packed rows) need a causal model; this one is an encoder")
+            if position_ids is None:  # BERT: 0..seq-1 whatever the padding (on the right)
+                position_ids = default_position_ids(None, past, seq, device)
+            return encoder_attention_mask(attention_mask), position_ids
         if document_ids is not None:
             return (packed_attention_mask(document_ids, self.config.sliding_window),
                     packed_position_ids(document_ids))
@@ -313,6 +392,16 @@ def attention_bias_mask(attention_mask, past: int, seq: int, sliding_window, dev
         # A padding query would see no key at all (NaN in softmax); let it see itself.
         allowed = allowed | (query_idx == key_idx)[None, None]
     return allowed
+
+
+def encoder_attention_mask(attention_mask) -> Optional[torch.Tensor]:
+    """Boolean mask [batch, 1, 1, keys] (True = may attend) hiding the padded keys from every query, or None
+    when nothing is padded. As in BERT, a padding query still attends to the real tokens."""
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    allowed = attention_mask[:, None, None, :].bool()
+    # A row of padding only would see no key at all (NaN in softmax); let it see them all.
+    return allowed | ~allowed.any(dim=-1, keepdim=True)
 
 
 def packed_position_ids(document_ids: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,9 @@ PUBLISHED = {
     "qwen1.5-7b": 7_721_324_544,
     "llama-2-7b": 6_738_415_616,
     "smollm2-135m": 134_515_008,
+    # sentence-transformers/all-MiniLM-L6-v2's BertModel, pooler included (its safetensors hold 22,713,728
+    # numbers: the 512 more are the int64 embeddings.position_ids buffer, not a parameter).
+    "all-minilm-l6-v2": 22_713_216,
 }
 
 
@@ -42,6 +45,37 @@ def test_parameter_counts_equal_transformers_built_from_the_same_config(name):
     with torch.device("meta"):
         reference = transformers.AutoModelForCausalLM.from_config(hf_config)
     assert count_parameters(build_meta_model(config)) == reference.num_parameters()
+
+
+@pytest.mark.parametrize("name", ["all-minilm-l6-v2", "tiny-bert"])
+def test_bert_parameter_counts_equal_transformers_bertmodel(name):
+    import transformers
+
+    from danlu.checkpoints.hf import config_to_hf
+
+    config = get_preset(name)
+    hf_config = transformers.AutoConfig.for_model(**config_to_hf(config, torch.float32))
+    with torch.device("meta"):
+        reference = transformers.AutoModel.from_config(hf_config)
+    assert type(reference).__name__ == "BertModel"
+    assert count_parameters(build_meta_model(config)) == reference.num_parameters()
+
+
+def test_all_minilm_l6_v2_shape():
+    c = get_preset("all-minilm-l6-v2")
+    assert (c.architecture, c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.head_dim,
+            c.intermediate_size, c.vocab_size, c.max_position_embeddings, c.type_vocab_size, c.norm_eps) == \
+        ("bert", 6, 384, 12, 32, 1536, 30522, 512, 2, 1e-12)
+    assert not c.causal and c.position_embedding_type == "absolute" and c.norm_position == "post"
+    assert c.embedding_norm and c.add_pooling_layer and c.mlp == "gelu_exact" and c.norm == "layernorm"
+    assert c.qkv_bias and c.o_bias and c.mlp_bias and not c.has_lm_head
+
+
+def test_decoder_presets_keep_the_decoder_defaults():
+    for name, c in PRESETS.items():
+        if c.architecture != "bert":
+            assert (c.causal, c.position_embedding_type, c.type_vocab_size, c.embedding_norm, c.norm_position,
+                    c.add_pooling_layer) == (True, "rope", 0, False, "pre", False), name
 
 
 def test_qwen3_shapes_follow_the_published_config():
@@ -104,6 +138,9 @@ def test_unknown_preset_suggests_close_name():
     ("initializer_range", 0.0, "initializer_range must be positive"),
     ("rope_scaling", {"rope_type": "yarn", "factor": 2.0}, "rope_type must be one of"),
     ("rope_scaling", {"rope_type": "llama3", "factor": 8.0}, "low_freq_factor"),
+    ("position_embedding_type", "learned", "position_embedding_type must be one of"),
+    ("norm_position", "middle", "norm_position must be one of"),
+    ("type_vocab_size", -1, "type_vocab_size must be a non-negative integer"),
 ])
 def test_bad_config_values_name_the_field(field, value, message):
     values = dict(vocab_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=8)
