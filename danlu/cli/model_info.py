@@ -42,7 +42,7 @@ def describe(config: ModelConfig) -> dict:
         "parameters": total,
         "parameters_per_layer": per_layer,
         "embedding_parameters": embedding,
-        "non_embedding_parameters": total - embedding * (1 if config.tie_word_embeddings else 2),
+        "non_embedding_parameters": total - embedding * (2 if config.has_lm_head and not config.tie_word_embeddings else 1),
         "weights_bytes": {d: int(total * b) for d, b in DTYPE_BYTES.items()},
         "kv_cache_bytes_per_token": {d: int(kv_per_token * b) for d, b in DTYPE_BYTES.items() if b >= 1},
     }

@@ -16,7 +16,7 @@ import yaml
 
 from danlu.utils.progress import logger
 
-STAGES = ("sft", "pt", "rm", "dpo", "kto", "ppo")
+STAGES = ("sft", "pt", "rm", "dpo", "kto", "ppo", "kd")
 PREF_LOSSES = ("sigmoid", "hinge", "ipo", "orpo", "simpo")
 REFERENCE_FREE = ("orpo", "simpo")  # DPO variants that need no reference model
 FINETUNING_TYPES = ("lora", "freeze", "full")
@@ -167,6 +167,26 @@ class TrainArguments:
     max_new_tokens: int = 1024
     repetition_penalty: float = 1.0
     num_beams: int = refused(1, "rollouts are sampled, never decoded by beam search")
+    # distillation (kd): danlu's keys. A method's weights left unset take its published defaults
+    # (danlu.distillation.objective.METHOD_WEIGHTS); setting one another method does not use is an error.
+    teacher_model: Optional[str] = None  # default: model_name_or_path itself (with student_layers)
+    teacher_adapters: Optional[str] = None  # LoRA adapters merged into the teacher
+    kd_method: str = "kd"  # kd | pkd_skip | pkd_last | distilbert | tinybert
+    kd_stage: str = "sft"  # the data and hard-label loss: sft (chat answers) or pt (text blocks)
+    kd_temperature: Optional[float] = None  # None: 2.0 (kd, pkd, distilbert), 1.0 (tinybert)
+    kd_divergence: str = "ce"  # ce | forward_kl | reverse_kl | jsd (GKD's generalized JSD)
+    kd_jsd_beta: float = 0.5
+    kd_alpha: Optional[float] = None  # kd, pkd: (1 - alpha) hard loss + alpha T^2 soft loss; 0.5
+    kd_beta: Optional[float] = None  # pkd: weight of the intermediate-layer loss; 100
+    kd_ce_weight: Optional[float] = None  # distilbert: L_ce, L_clm, L_cos weights; 5, 2, 1
+    kd_lm_weight: Optional[float] = None
+    kd_cos_weight: Optional[float] = None
+    kd_attention_weight: Optional[float] = None  # tinybert: 1 each; kd_prediction_weight 0 is general distillation
+    kd_hidden_weight: Optional[float] = None
+    kd_embedding_weight: Optional[float] = None
+    kd_prediction_weight: Optional[float] = None
+    layer_map: Optional[str] = None  # "1:2,2:4": student layer -> teacher layer (0 = embeddings)
+    student_layers: Optional[int] = None  # cut a student of N evenly spaced blocks from model_name_or_path
 
     def __post_init__(self) -> None:
         if self.evaluation_strategy is not None:
@@ -214,6 +234,7 @@ class TrainArguments:
         if self.load_best_model_at_end and self.eval_strategy == "no":
             raise ArgumentError("load_best_model_at_end needs eval_strategy steps or epoch (and val_size > 0)")
         self.validate_preference()
+        self.validate_distillation()
 
     def validate_preference(self) -> None:
         check_choice("pref_loss", self.pref_loss, PREF_LOSSES)
@@ -237,6 +258,40 @@ class TrainArguments:
                                 "as contains:WORD (rule)")
         if self.ref_model_adapters and not self.ref_model:
             raise ArgumentError("ref_model_adapters needs ref_model (the base the adapters belong to)")
+
+    def validate_distillation(self) -> None:
+        from danlu.distillation.losses import DIVERGENCES
+        from danlu.distillation.objective import METHOD_WEIGHTS, METHODS
+
+        check_choice("kd_method", self.kd_method, METHODS)
+        check_choice("kd_stage", self.kd_stage, ("sft", "pt"))
+        check_choice("kd_divergence", self.kd_divergence, DIVERGENCES)
+        weight_keys = {key for keys in METHOD_WEIGHTS.values() for key in keys}
+        for key in sorted(weight_keys):
+            value = getattr(self, key)
+            if value is None:
+                continue
+            if key not in METHOD_WEIGHTS[self.kd_method]:
+                users = [m for m, keys in METHOD_WEIGHTS.items() if key in keys]
+                raise ArgumentError(f"{key} applies to kd_method {' or '.join(users)}, not {self.kd_method}")
+            if value < 0 or (key == "kd_alpha" and value > 1):
+                raise ArgumentError(f"{key} must be {'in [0, 1]' if key == 'kd_alpha' else '>= 0'}, got {value}")
+        if self.kd_temperature is not None and self.kd_temperature <= 0:
+            raise ArgumentError(f"kd_temperature must be positive, got {self.kd_temperature}")
+        if not 0 <= self.kd_jsd_beta <= 1:
+            raise ArgumentError(f"kd_jsd_beta must be in [0, 1], got {self.kd_jsd_beta}")
+        if self.student_layers is not None and self.student_layers <= 0:
+            raise ArgumentError(f"student_layers must be positive, got {self.student_layers}")
+        if self.stage != "kd":
+            return
+        if not self.teacher_model and not self.student_layers:
+            raise ArgumentError("stage kd needs a teacher: teacher_model PATH, or student_layers N to cut a student "
+                                "from model_name_or_path and learn from it")
+        if self.student_layers and self.finetuning_type != "full":
+            raise ArgumentError("student_layers makes a new, smaller model: train it with finetuning_type full "
+                                "(an adapter would have no base model to load onto)")
+        if self.teacher_adapters and not self.teacher_model:
+            raise ArgumentError("teacher_adapters needs teacher_model (the base the adapters belong to)")
 
     @property
     def uses_reference(self) -> bool:

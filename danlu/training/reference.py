@@ -37,22 +37,28 @@ class Reference:
 def build_reference(lm, args) -> Reference:
     """Called by a recipe before the finetuning method is applied, so that a copy is of the starting weights."""
     if args.ref_model:
-        from danlu.checkpoints.load import load_pretrained
-        from danlu.tuning.lora import load_adapter, merge_lora
-
-        device = next(lm.model.parameters()).device
-        ref = load_pretrained(args.ref_model, dtype="float32", device=device).model
-        if args.ref_model_adapters:
-            for adapter in args.names("ref_model_adapters"):
-                load_adapter(ref, adapter)
-            merge_lora(ref)
         logger.info("reference model: %s", args.ref_model)
-        return Reference(quantized(ref, args.ref_model_quantization_bit))
+        return Reference(load_frozen(args.ref_model, args.names("ref_model_adapters"),
+                                     args.ref_model_quantization_bit, next(lm.model.parameters()).device))
     if args.finetuning_type == "lora" and not args.additional_target:
         logger.info("reference model: the policy with its LoRA adapters disabled")
         return Reference()
     logger.info("reference model: a frozen copy of %s", lm.source)
     return Reference(quantized(copy.deepcopy(lm.model), args.ref_model_quantization_bit))
+
+
+def load_frozen(path: str, adapters: list[str], quantization_bit: Optional[int], device) -> nn.Module:
+    """Another model that only runs (a reference, a teacher): loaded in float32, its LoRA adapters merged,
+    optionally quantized, frozen in eval mode."""
+    from danlu.checkpoints.load import load_pretrained
+    from danlu.tuning.lora import load_adapter, merge_lora
+
+    model = load_pretrained(path, dtype="float32", device=device).model
+    for adapter in adapters:
+        load_adapter(model, adapter)
+    if adapters:
+        merge_lora(model)
+    return quantized(model, quantization_bit).eval().requires_grad_(False)
 
 
 def quantized(model: nn.Module, bits: Optional[int]) -> nn.Module:

@@ -1,4 +1,4 @@
-"""What a stage (pt, sft, rm, dpo, kto, ppo, and later kd) hands the training loop: its data and its step."""
+"""What a stage (pt, sft, rm, dpo, kto, ppo, kd) hands the training loop: its data and its step."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,6 +27,8 @@ class Stage:
     step: Step
     # Modules that train whatever the finetuning method (a value head); saved with the trainable weights.
     trained_modules: tuple[str, ...] = ()
+    # Modules that only serve the training (distillation's projections): removed before the final save.
+    dropped_modules: tuple[str, ...] = ()
     # None: each accumulation group of examples is one optimizer step. PPO instead rolls a group of prompts
     # out into experience and takes several optimizer steps on it (updates_per_group of them).
     updates: Optional[Updates] = None

@@ -68,6 +68,8 @@ def train(args: TrainArguments) -> TrainResult:
                       args.include_num_input_tokens_seen)
     config = fit_config(args, max_steps, resume_from, log, topology, accumulation, stage.updates_per_group)
     result = fit(model, stage, optimizer, scheduler, config, topology)
+    for name in stage.dropped_modules:
+        delattr(model, name)
     if topology.is_main:
         save_final(model, lm, args, output_dir)
     log.finish(args.plot_loss)

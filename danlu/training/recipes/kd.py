@@ -1,0 +1,87 @@
+"""Knowledge distillation (`--stage kd`): a student learns from a frozen teacher on another stage's data.
+
+The data and the hard-label loss are those of `kd_stage` (sft: chat answers; pt: text blocks); the method
+(`kd_method`: kd, pkd_skip, pkd_last, distilbert, tinybert) says which losses of danlu.distillation are added.
+The student is `model_name_or_path`, or, with `student_layers N`, N evenly spaced blocks cut from it (then the
+teacher defaults to model_name_or_path itself).
+"""
+from __future__ import annotations
+
+import copy
+from functools import partial
+
+import torch
+from torch import nn
+
+from danlu.distillation.layer_map import evenly_spaced_layers, parse_layer_map
+from danlu.distillation.objective import (METHOD_WEIGHTS, PROJECTIONS, Objective, build_projections, causal_pairs,
+                                          distillation_loss, method_objective, run_model)
+from danlu.distillation.students import student_from_teacher
+from danlu.training.arguments import ArgumentError
+from danlu.training.losses import causal_lm_loss, next_token_labels
+from danlu.data.supervised import IGNORE_INDEX
+from danlu.training.reference import load_frozen
+from danlu.training.stage import Stage, StepOutput
+from danlu.utils.progress import logger
+
+
+def build_stage(lm, args) -> Stage:
+    from danlu.training.recipes import RECIPES
+
+    teacher = build_teacher(lm, args)
+    if args.student_layers:
+        layers = evenly_spaced_layers(args.student_layers, teacher.config.num_hidden_layers)
+        logger.info("student: %d of the teacher's %d blocks (%s)", len(layers), teacher.config.num_hidden_layers,
+                    layers)
+        lm.model = student_from_teacher(lm.model, layers)
+        lm.config = lm.model.config
+    check_compatible(lm.model, teacher)
+    objective = objective_from_arguments(args, lm.config.num_hidden_layers, teacher.config.num_hidden_layers)
+    logger.info("distillation: %s, %s", args.kd_method, objective)
+    projections = build_projections(objective, lm.config.hidden_size, teacher.config.hidden_size)
+    trained = ()
+    if projections is not None:
+        setattr(lm.model, PROJECTIONS, projections.to(next(lm.model.parameters()).device))
+        trained = (PROJECTIONS,)
+    data = RECIPES[args.kd_stage](lm, args)
+    return Stage(data.train, data.eval, data.collate, partial(kd_step, teacher=teacher, objective=objective),
+                 trained_modules=trained, dropped_modules=trained)
+
+
+def build_teacher(lm, args) -> nn.Module:
+    device = next(lm.model.parameters()).device
+    if args.teacher_model:
+        logger.info("teacher: %s", args.teacher_model)
+        return load_frozen(args.teacher_model, args.names("teacher_adapters"), None, device)
+    logger.info("teacher: %s itself (frozen copy)", lm.source)
+    return copy.deepcopy(lm.model).eval().requires_grad_(False)
+
+
+def check_compatible(student: nn.Module, teacher: nn.Module) -> None:
+    if student.config.vocab_size != teacher.config.vocab_size:
+        raise ArgumentError(f"teacher_model: the teacher's vocabulary has {teacher.config.vocab_size} tokens and "
+                            f"the student's {student.config.vocab_size}; distilling logits needs one tokenizer")
+
+
+def objective_from_arguments(args, student_layers: int, teacher_layers: int) -> Objective:
+    weights = {key: getattr(args, key) for key in METHOD_WEIGHTS[args.kd_method]}
+    layer_map = parse_layer_map(args.layer_map, student_layers, teacher_layers) if args.layer_map else None
+    try:
+        return method_objective(args.kd_method, weights, student_layers, teacher_layers, args.kd_temperature,
+                                args.kd_divergence, args.kd_jsd_beta, layer_map)
+    except ValueError as e:
+        raise ArgumentError(str(e)) from e
+
+
+def kd_step(model, batch: dict, teacher: nn.Module, objective: Objective) -> StepOutput:
+    student = run_model(model, batch, objective)
+    with torch.no_grad():
+        teacher_out = run_model(teacher, batch, objective)
+    hard, labelled = causal_lm_loss(student.logits, batch["labels"])
+    tokens = batch["attention_mask"] if batch.get("document_ids") is None else batch["document_ids"] != 0
+    pairs = causal_pairs(tokens, batch.get("document_ids")) if objective.attention else None
+    predicted = next_token_labels(batch["labels"]) != IGNORE_INDEX
+    loss, metrics = distillation_loss(objective, student, teacher_out, hard, predicted, tokens, pairs,
+                                      getattr(model, PROJECTIONS, None))
+    return StepOutput(loss, int(batch["attention_mask"].sum()), {**metrics, "lm_loss": float(hard.detach())},
+                      weight=labelled)
