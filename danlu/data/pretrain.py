@@ -35,18 +35,19 @@ def _documents(path: Path, column: str):
         yield text
 
 
-def _cache_key(files: list[Path], tokenizer) -> str:
+def _cache_key(sources: list[tuple[Path, str]], tokenizer) -> str:
     h = hashlib.sha256()
-    for f in files:
+    for f, column in sources:
         stat = f.stat()
-        h.update(f"{f.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        h.update(f"{f.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{column}".encode())
     h.update(f"{type(tokenizer).__name__}:{len(tokenizer)}:{tokenizer.eos_token_id}".encode())
     return h.hexdigest()[:16]
 
 
-def build_token_cache(tokenizer, files: list[Path], column: str, cache_dir: Path) -> np.memmap:
-    """All documents' tokens, each followed by EOS, as a read-only memmap (built once, then reused)."""
-    key = _cache_key(files, tokenizer)
+def build_token_cache(tokenizer, sources: list[tuple[Path, str]], cache_dir: Path) -> np.memmap:
+    """All documents' tokens, each followed by EOS, as a read-only memmap (built once, then reused).
+    sources: each file with the column its text is in (json/jsonl)."""
+    key = _cache_key(sources, tokenizer)
     data_path, meta_path = Path(cache_dir) / f"{key}.bin", Path(cache_dir) / f"{key}.json"
     dtype = np.uint16 if len(tokenizer) < 2**16 else np.uint32
     if meta_path.is_file() and data_path.is_file():
@@ -59,7 +60,7 @@ def build_token_cache(tokenizer, files: list[Path], column: str, cache_dir: Path
     eos = tokenizer.eos_token_id
     bar = progress(desc="Tokenizing", unit="doc")
     with open(partial, "wb") as out:
-        for file in files:
+        for file, column in sources:
             for text in _documents(file, column):
                 ids = tokenizer(text, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
                 np.asarray(ids, dtype=dtype).tofile(out)
@@ -68,7 +69,7 @@ def build_token_cache(tokenizer, files: list[Path], column: str, cache_dir: Path
     bar.close()
     os.replace(partial, data_path)
     atomic_write_text(meta_path, json.dumps({"tokens": total, "dtype": np.dtype(dtype).name,
-                                             "files": [str(f) for f in files]}))
+                                             "files": [str(f) for f, _ in sources]}))
     logger.info("wrote the token cache %s (%d tokens)", data_path, total)
     return np.memmap(data_path, dtype=dtype, mode="r", shape=(total,))
 
@@ -94,13 +95,14 @@ class TokenBlocks:
 def prepare_pretrain_data(tokenizer, dataset_dir: str, names: list[str], cutoff_len: int, cache_dir: Path,
                           val_size: float = 0.0, max_samples: int | None = None):
     specs = load_dataset_info(Path(dataset_dir))
-    files, column = [], "text"
+    sources = []  # each dataset's files with its own text column
     for name in names:
         spec = find_spec(specs, name, Path(dataset_dir))
         column = spec.columns.get("prompt", "text")
         path = Path(dataset_dir) / spec.file_name
-        files += sorted(p for p in path.iterdir() if p.suffix in (".txt", ".json", ".jsonl")) if path.is_dir() else [path]
-    tokens = build_token_cache(tokenizer, files, column, cache_dir)
+        files = sorted(p for p in path.iterdir() if p.suffix in (".txt", ".json", ".jsonl")) if path.is_dir() else [path]
+        sources += [(file, column) for file in files]
+    tokens = build_token_cache(tokenizer, sources, cache_dir)
     n_blocks = len(tokens) // cutoff_len
     if max_samples is not None:
         n_blocks = min(n_blocks, max_samples)
