@@ -36,6 +36,9 @@ class ExportArguments(ModelKeys):
     export_quantization_dataset: Optional[str] = ignored(None, QUANTIZATION_ONLY)
     export_quantization_nsamples: int = ignored(128, QUANTIZATION_ONLY)
     export_quantization_maxlen: int = ignored(1024, QUANTIZATION_ONLY)
+    # danlu's: a DynaBERT-trained model (`--kd_method dynabert`) written at one of its sizes, as a smaller model
+    dynabert_width: float = 1.0
+    dynabert_depth: float = 1.0
     export_hub_model_id: Optional[str] = refused(None, "danlu does not upload; upload export_dir afterwards, e.g. "
                                                        "`hf upload ID EXPORT_DIR`")
 
@@ -126,6 +129,14 @@ def export_merged(args: ExportArguments):
     for adapter, scale in zip(args.adapters, args.scales):
         load_adapter(lm.model, adapter, scale)
         merge_lora(lm.model)
+    if (args.dynabert_width, args.dynabert_depth) != (1.0, 1.0):
+        from danlu.distillation.dynabert import extract
+
+        try:
+            lm.model = extract(lm.model, args.dynabert_width, args.dynabert_depth)
+        except ValueError as e:
+            raise ArgumentError(f"dynabert_width / dynabert_depth: {e}") from e
+        lm.config = lm.model.config
     dtype = args.output_dtype() or source_dtype(Path(lm.source))
     return save_hf_checkpoint(lm.model.state_dict(), lm.config, Path(args.export_dir), dtype,
                               args.export_size * 1000**3, lm.tokenizer, lm.generation_defaults, show_progress=True)

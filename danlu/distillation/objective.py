@@ -22,7 +22,7 @@ from danlu.distillation import losses
 from danlu.distillation.layer_map import LayerMap, pkd_last_map, pkd_skip_map, uniform_map
 from danlu.models.transformer import Intermediates
 
-METHODS = ("kd", "pkd_skip", "pkd_last", "distilbert", "tinybert")
+METHODS = ("kd", "pkd_skip", "pkd_last", "distilbert", "tinybert", "dynabert")
 # Each method's own weights and their published defaults (the keys are danlu train's arguments).
 METHOD_WEIGHTS = {
     "kd": {"kd_alpha": 0.5},
@@ -31,8 +31,10 @@ METHOD_WEIGHTS = {
     "distilbert": {"kd_ce_weight": 5.0, "kd_lm_weight": 2.0, "kd_cos_weight": 1.0},
     "tinybert": {"kd_attention_weight": 1.0, "kd_hidden_weight": 1.0, "kd_embedding_weight": 1.0,
                  "kd_prediction_weight": 1.0},
+    "dynabert": {"kd_prediction_weight": 1.0, "kd_hidden_weight": 1.0},  # lambda_1, lambda_2
 }
-DEFAULT_TEMPERATURE = {"kd": 2.0, "pkd_skip": 2.0, "pkd_last": 2.0, "distilbert": 2.0, "tinybert": 1.0}
+DEFAULT_TEMPERATURE = {"kd": 2.0, "pkd_skip": 2.0, "pkd_last": 2.0, "distilbert": 2.0, "tinybert": 1.0,
+                       "dynabert": 1.0}
 PROJECTIONS = "distill_projections"  # where the projections ride on the student while it trains
 
 
@@ -72,6 +74,10 @@ def method_objective(method: str, weights: dict[str, Optional[float]], student_l
                          hidden_loss="normalized_mse", layer_map=layer_map or default_map, **common)
     if method == "distilbert":
         return Objective(soft=w["kd_ce_weight"], hard=w["kd_lm_weight"], cosine=w["kd_cos_weight"], **common)
+    if method == "dynabert":  # l_pred + (l_emb + l_hidn) between a sub-network and its teacher, layer by layer
+        return Objective(soft=w["kd_prediction_weight"], hidden=w["kd_hidden_weight"],
+                         embedding=w["kd_hidden_weight"],
+                         layer_map=layer_map or uniform_map(student_layers, teacher_layers), **common)
     return Objective(soft=w["kd_prediction_weight"], hidden=w["kd_hidden_weight"],
                      attention=w["kd_attention_weight"], embedding=w["kd_embedding_weight"],
                      layer_map=layer_map or uniform_map(student_layers, teacher_layers), **common)

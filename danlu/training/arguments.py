@@ -171,7 +171,7 @@ class TrainArguments:
     # (danlu.distillation.objective.METHOD_WEIGHTS); setting one another method does not use is an error.
     teacher_model: Optional[str] = None  # default: model_name_or_path itself (with student_layers)
     teacher_adapters: Optional[str] = None  # LoRA adapters merged into the teacher
-    kd_method: str = "kd"  # kd | pkd_skip | pkd_last | distilbert | tinybert
+    kd_method: str = "kd"  # kd | pkd_skip | pkd_last | distilbert | tinybert | dynabert
     kd_stage: str = "sft"  # the data and hard-label loss: sft (chat answers) or pt (text blocks)
     kd_temperature: Optional[float] = None  # None: 2.0 (kd, pkd, distilbert), 1.0 (tinybert)
     kd_divergence: str = "ce"  # ce | forward_kl | reverse_kl | jsd (GKD's generalized JSD)
@@ -186,6 +186,10 @@ class TrainArguments:
     kd_embedding_weight: Optional[float] = None
     kd_prediction_weight: Optional[float] = None
     layer_map: Optional[str] = None  # "1:2,2:4": student layer -> teacher layer (0 = embeddings)
+    # dynabert: the widths trained at every step, then (a second run from the first's output) the depths too
+    dynabert_widths: str = "1.0,0.75,0.5,0.25"
+    dynabert_depths: str = "1.0"  # "1.0,0.75,0.5" for the depth-adaptive run
+    dynabert_importance_batches: int = 8  # batches that estimate head and neuron importance before rewiring
     student_layers: Optional[int] = None  # cut a student of N evenly spaced blocks from model_name_or_path
 
     def __post_init__(self) -> None:
@@ -282,7 +286,15 @@ class TrainArguments:
             raise ArgumentError(f"kd_jsd_beta must be in [0, 1], got {self.kd_jsd_beta}")
         if self.student_layers is not None and self.student_layers <= 0:
             raise ArgumentError(f"student_layers must be positive, got {self.student_layers}")
+        self.multipliers("dynabert_widths"), self.multipliers("dynabert_depths")
+        if self.dynabert_importance_batches <= 0:
+            raise ArgumentError(f"dynabert_importance_batches must be positive, got {self.dynabert_importance_batches}")
         if self.stage != "kd":
+            return
+        if self.kd_method == "dynabert":
+            if self.finetuning_type != "full" or self.student_layers:
+                raise ArgumentError("kd_method dynabert trains the whole model at every width and depth: use "
+                                    "finetuning_type full and no student_layers (dynabert_depths sets the depths)")
             return
         if not self.teacher_model and not self.student_layers:
             raise ArgumentError("stage kd needs a teacher: teacher_model PATH, or student_layers N to cut a student "
@@ -292,6 +304,18 @@ class TrainArguments:
                                 "(an adapter would have no base model to load onto)")
         if self.teacher_adapters and not self.teacher_model:
             raise ArgumentError("teacher_adapters needs teacher_model (the base the adapters belong to)")
+
+    def multipliers(self, key: str) -> tuple[float, ...]:
+        """A comma-separated list of DynaBERT width or depth multipliers, each in (0, 1], 1.0 included."""
+        try:
+            values = tuple(float(v) for v in getattr(self, key).split(","))
+        except ValueError:
+            raise ArgumentError(f"{key}: expected comma-separated numbers such as 1.0,0.5, got "
+                                f"{getattr(self, key)!r}") from None
+        if not all(0 < v <= 1 for v in values) or 1.0 not in values:
+            raise ArgumentError(f"{key}: every multiplier must be in (0, 1] and 1.0 must be among them, "
+                                f"got {getattr(self, key)!r}")
+        return values
 
     @property
     def uses_reference(self) -> bool:

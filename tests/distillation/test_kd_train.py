@@ -69,3 +69,39 @@ def test_a_student_with_another_vocabulary_is_refused(teacher_dir, tmp_path):
     student_dir = save_hf_model(other, tmp_path / "student", tokenizer)
     with pytest.raises(ArgumentError, match="distilling logits needs one tokenizer"):
         train(kd_args(student_dir, tmp_path / "run", teacher_model=str(teacher_dir)))
+
+
+def test_dynabert_width_then_depth_then_a_smaller_model_transformers_loads(teacher_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from danlu.cli.export import ExportArguments, export_merged
+    from danlu.distillation.dynabert import sub_network
+
+    width_run, depth_run = tmp_path / "width", tmp_path / "depth"
+    first = train(kd_args(teacher_dir, width_run, kd_method="dynabert", dynabert_widths="1.0,0.5"))
+    rows = log_rows(width_run)
+    assert any("lm_loss_w0.5_d1" in r for r in rows) and any("lm_loss_w1_d1" in r for r in rows)
+    assert first.state.global_step == 4
+    second = train(kd_args(width_run, depth_run, teacher_model=str(width_run), kd_method="dynabert",
+                           dynabert_widths="1.0,0.5", dynabert_depths="1.0,0.5"))
+    assert any("lm_loss_w0.5_d0.5" in r for r in log_rows(depth_run)) and second.state.global_step == 4
+    small = tmp_path / "small"
+    export_merged(ExportArguments(model_name_or_path=str(depth_run), export_dir=str(small), dynabert_width=0.5,
+                                  dynabert_depth=0.5))
+    hf = AutoModelForCausalLM.from_pretrained(small).eval()
+    assert (hf.config.num_hidden_layers, hf.config.num_attention_heads, hf.config.intermediate_size) == (2, 2, 64)
+    full = load_pretrained(depth_run, dtype="float32").model
+    ids = torch.randint(3, 200, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, sub_network(full, 0.5, 0.5)(ids), atol=1e-4, rtol=1e-4)
+
+
+def test_dynabert_multipliers_are_checked():
+    with pytest.raises(ArgumentError, match="dynabert_widths: every multiplier must be in \\(0, 1\\] and 1.0"):
+        TrainArguments(dataset="identity", stage="kd", kd_method="dynabert", finetuning_type="full",
+                       dynabert_widths="0.5,0.25")
+    with pytest.raises(ArgumentError, match="dynabert_depths: expected comma-separated numbers"):
+        TrainArguments(dataset="identity", stage="kd", kd_method="dynabert", finetuning_type="full",
+                       dynabert_depths="1.0;0.5")
+    with pytest.raises(ArgumentError, match="kd_method dynabert trains the whole model"):
+        TrainArguments(dataset="identity", stage="kd", kd_method="dynabert")

@@ -1,7 +1,8 @@
 """Knowledge distillation (`--stage kd`): a student learns from a frozen teacher on another stage's data.
 
 The data and the hard-label loss are those of `kd_stage` (sft: chat answers; pt: text blocks); the method
-(`kd_method`: kd, pkd_skip, pkd_last, distilbert, tinybert) says which losses of danlu.distillation are added.
+(`kd_method`: kd, pkd_skip, pkd_last, distilbert, tinybert) says which losses of danlu.distillation are added;
+dynabert trains one network at several widths and depths (kd_dynabert.py).
 The student is `model_name_or_path`, or, with `student_layers N`, N evenly spaced blocks cut from it (then the
 teacher defaults to model_name_or_path itself).
 """
@@ -20,6 +21,7 @@ from danlu.distillation.students import student_from_teacher
 from danlu.training.arguments import ArgumentError
 from danlu.training.losses import causal_lm_loss, next_token_labels
 from danlu.data.supervised import IGNORE_INDEX
+from danlu.training.recipes.kd_dynabert import build_dynabert_stage
 from danlu.training.reference import load_frozen
 from danlu.training.stage import Stage, StepOutput
 from danlu.utils.progress import logger
@@ -44,6 +46,8 @@ def build_stage(lm, args) -> Stage:
         setattr(lm.model, PROJECTIONS, projections.to(next(lm.model.parameters()).device))
         trained = (PROJECTIONS,)
     data = RECIPES[args.kd_stage](lm, args)
+    if args.kd_method == "dynabert":
+        return build_dynabert_stage(lm, teacher, objective, args, data)
     return Stage(data.train, data.eval, data.collate, partial(kd_step, teacher=teacher, objective=objective),
                  trained_modules=trained, dropped_modules=trained)
 
