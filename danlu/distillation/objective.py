@@ -7,6 +7,11 @@
          + attention * sum over mapped layers of the attention-score MSE (TinyBERT)
          + embedding * MSE of the embedding outputs                      (TinyBERT)
 
+An encoder (danlu/training/recipes/kd_encoder.py) changes where two terms look: its soft term compares its task's
+prediction (class logits; or, with `soft_loss` "mse", the sentence embeddings: soft * MSE(student embedding,
+teacher embedding), no T, replacing the logit divergence as in sentence-transformers' distillation, Reimers &
+Gurevych 2020), and Patient-KD compares the [CLS] vectors (`pkd_position` 0, TextBrewer's pkd_loss).
+
 A student narrower than its teacher is projected to the teacher's width by a learned linear map (TinyBERT's
 W_h and W_e) before the hidden-state losses; the projections train with the student and are dropped after.
 """
@@ -16,6 +21,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from danlu.distillation import losses
@@ -51,6 +57,12 @@ class Objective:
     temperature: float = 1.0
     divergence: str = "ce"
     jsd_beta: float = 0.5
+    # Pre-norm models (every decoder here) carry an unnormalised residual stream whose scale grows with depth
+    # (SmolLM2's reaches hundreds): their hidden-state MSEs compare RMS-normalised states, so that no layer's
+    # scale swamps the other terms. Post-norm states (BERT) are compared as they are, as in the papers.
+    normalize_states: bool = False
+    soft_loss: str = "divergence"  # or "mse": the MSE of the predictions themselves (sentence embeddings; no T)
+    pkd_position: Optional[int] = None  # Patient-KD's vectors: None every counted token, 0 an encoder's [CLS]
 
     @property
     def uses_hidden_states(self) -> bool:
@@ -120,7 +132,9 @@ def distillation_loss(objective: Objective, student: Outputs, teacher: Outputs, 
     terms: dict[str, torch.Tensor] = {}
     if objective.hard:
         terms["hard"] = hard_loss
-    if objective.soft:
+    if objective.soft and objective.soft_loss == "mse":
+        terms["soft"] = losses.hidden_mse(student.logits, teacher.logits.detach(), predicted)
+    elif objective.soft:
         terms["soft"] = losses.divergence(
             objective.divergence, student.logits, teacher.logits.detach(), objective.temperature, predicted,
             objective.jsd_beta)
@@ -128,8 +142,8 @@ def distillation_loss(objective: Objective, student: Outputs, teacher: Outputs, 
     if objective.cosine:
         terms["cosine"] = losses.cosine_loss(s_states[-1], t_states[-1].detach(), tokens)
     if objective.embedding:
-        terms["embedding"] = losses.hidden_mse(project(projections, "embedding", s_states[0]), t_states[0].detach(),
-                                               tokens)
+        terms["embedding"] = layer_loss(objective, project(projections, "embedding", s_states[0]),
+                                        t_states[0].detach(), tokens)
     if objective.hidden:
         terms["hidden"] = sum(layer_loss(objective, project(projections, "hidden", s_states[s]),
                                          t_states[t].detach(), tokens)
@@ -138,7 +152,8 @@ def distillation_loss(objective: Objective, student: Outputs, teacher: Outputs, 
         terms["attention"] = sum(losses.attention_mse(student.seen.scores[s - 1], teacher.seen.scores[t - 1].detach(),
                                                       pairs)
                                  for s, t in objective.layer_map if s > 0)
-    weight = {"hard": objective.hard, "soft": objective.soft * objective.temperature ** 2, "cosine": objective.cosine,
+    soft_scale = objective.temperature ** 2 if objective.soft_loss == "divergence" else 1.0
+    weight = {"hard": objective.hard, "soft": objective.soft * soft_scale, "cosine": objective.cosine,
               "embedding": objective.embedding, "hidden": objective.hidden, "attention": objective.attention}
     loss = sum(weight[name] * value for name, value in terms.items())
     return loss, {f"kd_{name}": float(value.detach()) for name, value in terms.items() if name != "hard"}
@@ -155,12 +170,28 @@ def causal_pairs(tokens: torch.Tensor, document_ids: Optional[torch.Tensor] = No
     return (pairs & real[:, :, None] & real[:, None, :])[:, None]
 
 
+def encoder_pairs(tokens: torch.Tensor) -> torch.Tensor:
+    """[batch, 1, seq, seq]: an encoder's (query, key) pairs that mean something: a real query and a real key,
+    either way round (TextBrewer's att_mse_loss mask, mask_q x mask_k)."""
+    real = tokens.bool()
+    return (real[:, :, None] & real[:, None, :])[:, None]
+
+
 def project(projections: Optional[nn.ModuleDict], which: str, states: torch.Tensor) -> torch.Tensor:
     return states if projections is None else projections[which](states)
 
 
 def layer_loss(objective: Objective, student_states, teacher_states, tokens) -> torch.Tensor:
+    if objective.hidden_loss == "normalized_mse" and objective.pkd_position is not None:
+        return losses.normalized_mse(student_states[:, objective.pkd_position],
+                                     teacher_states[:, objective.pkd_position])
     if objective.hidden_loss == "normalized_mse":
         keep = tokens.bool()
         return losses.normalized_mse(student_states[keep], teacher_states[keep])
+    if objective.normalize_states:
+        student_states, teacher_states = rms_normalized(student_states), rms_normalized(teacher_states)
     return losses.hidden_mse(student_states, teacher_states, tokens)
+
+
+def rms_normalized(states: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(states.float(), states.shape[-1:], eps=1e-6)

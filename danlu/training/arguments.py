@@ -173,6 +173,7 @@ class TrainArguments:
     teacher_adapters: Optional[str] = None  # LoRA adapters merged into the teacher
     kd_method: str = "kd"  # kd | pkd_skip | pkd_last | distilbert | tinybert | dynabert
     kd_stage: str = "sft"  # the data and hard-label loss: sft (chat answers) or pt (text blocks)
+    kd_task: str = "embedding"  # an encoder teacher's task: embedding (sentence vectors) or classification
     kd_temperature: Optional[float] = None  # None: 2.0 (kd, pkd, distilbert), 1.0 (tinybert)
     kd_divergence: str = "ce"  # ce | forward_kl | reverse_kl | jsd (GKD's generalized JSD)
     kd_jsd_beta: float = 0.5
@@ -264,11 +265,13 @@ class TrainArguments:
             raise ArgumentError("ref_model_adapters needs ref_model (the base the adapters belong to)")
 
     def validate_distillation(self) -> None:
+        from danlu.distillation.encoder_tasks import TASKS
         from danlu.distillation.losses import DIVERGENCES
         from danlu.distillation.objective import METHOD_WEIGHTS, METHODS
 
         check_choice("kd_method", self.kd_method, METHODS)
         check_choice("kd_stage", self.kd_stage, ("sft", "pt"))
+        check_choice("kd_task", self.kd_task, TASKS)
         check_choice("kd_divergence", self.kd_divergence, DIVERGENCES)
         weight_keys = {key for keys in METHOD_WEIGHTS.values() for key in keys}
         for key in sorted(weight_keys):

@@ -13,6 +13,7 @@ import torch
 
 from danlu.checkpoints.hf import save_hf_checkpoint
 from danlu.checkpoints.value_head import save_value_head, sequence_classification_head
+from danlu.distillation.encoder_tasks import CLASSIFIER, save_classifier
 from danlu.training.gradient_checkpointing import enable_gradient_checkpointing
 from danlu.tuning.freeze import apply_freeze
 from danlu.tuning.lora import LoRAConfig, apply_lora, base_state_dict, save_adapter
@@ -50,13 +51,16 @@ def apply_finetuning(model, args, trained_modules: tuple[str, ...] = ()) -> None
 def save_final(model, lm, args, output_dir: Path) -> Path:
     """The trained adapter or full model, with the tokenizer, at the root of output_dir; a value head (rm, ppo)
     beside it in value_head.safetensors, as LLaMA-Factory writes it. A full reward model also carries it as
-    `score`, so that AutoModelForSequenceClassification loads the directory."""
+    `score`, so that AutoModelForSequenceClassification loads the directory. An encoder's classifier head
+    (kd --kd_task classification) goes beside the encoder in classifier.safetensors and classifier.json."""
     head = getattr(model, "v_head", None)
+    classifier = getattr(model, CLASSIFIER, None)
     with atomic_files(output_dir) as staged:
         if args.finetuning_type == "lora":
             save_adapter(model, staged, lora_config(args), base_model=lm.source)
         else:
-            state = {name: t for name, t in base_state_dict(model).items() if not name.startswith("v_head.")}
+            state = {name: t for name, t in base_state_dict(model).items()
+                     if not name.startswith(("v_head.", f"{CLASSIFIER}."))}
             extra_config = None
             if head is not None and args.stage == "rm":
                 score, extra_config = sequence_classification_head(head)
@@ -67,6 +71,8 @@ def save_final(model, lm, args, output_dir: Path) -> Path:
                                extra_config=extra_config)
         if head is not None:
             save_value_head(head, staged)
+        if classifier is not None:
+            save_classifier(classifier, staged)
         lm.tokenizer.save_pretrained(str(staged))
         (staged / ARGS_NAME).write_text(json.dumps(vars(args), indent=2, default=str), encoding="utf-8")
     logger.info("saved the %s in %s", "adapter" if args.finetuning_type == "lora" else "model", output_dir)

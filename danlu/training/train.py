@@ -27,7 +27,8 @@ from danlu.utils.progress import logger
 RUN_OUTPUTS = ("adapter_config.json", "adapter_model.safetensors", "config.json", "generation_config.json",
                "model.safetensors", "model-*.safetensors", "model.safetensors.index.json", "tokenizer*",
                "special_tokens_map.json", "chat_template.jinja", "trainer_log.jsonl", "training_loss.png",
-               "eval_loss.png", "train_args.json", "runs", "value_head.safetensors")
+               "eval_loss.png", "train_args.json", "runs", "value_head.safetensors", "classifier.safetensors",
+               "classifier.json")
 
 
 @dataclass

@@ -191,3 +191,16 @@ def test_a_narrower_student_learns_through_projections_that_train_with_it(tmp_pa
     with pytest.raises(ValueError, match="cosine loss compares hidden states of one width"):
         build_projections(method_objective("distilbert", {}, 2, 4), 32, 64)
     assert build_projections(objective, 64, 64) is None
+
+
+def test_pre_norm_states_are_compared_rms_normalised():
+    from danlu.distillation.objective import Objective, layer_loss
+
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 5, 8), torch.randn(2, 5, 8) * 300  # a decoder's late residual stream
+    tokens = torch.ones(2, 5)
+    plain, normalised = Objective(hidden=1.0), Objective(hidden=1.0, normalize_states=True)
+    assert layer_loss(plain, student, teacher, tokens) > 1e4
+    by_hand = ((student / student.pow(2).mean(-1, keepdim=True).sqrt()
+                - teacher / teacher.pow(2).mean(-1, keepdim=True).sqrt()) ** 2).mean()
+    torch.testing.assert_close(layer_loss(normalised, student, teacher, tokens), by_hand, atol=1e-4, rtol=1e-4)

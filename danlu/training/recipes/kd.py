@@ -2,13 +2,15 @@
 
 The data and the hard-label loss are those of `kd_stage` (sft: chat answers; pt: text blocks); the method
 (`kd_method`: kd, pkd_skip, pkd_last, distilbert, tinybert) says which losses of danlu.distillation are added;
-dynabert trains one network at several widths and depths (kd_dynabert.py).
+dynabert trains one network at several widths and depths (kd_dynabert.py). An encoder teacher (BERT-family)
+takes its data and prediction layer from `kd_task` instead (embedding or classification: kd_encoder.py).
 The student is `model_name_or_path`, or, with `student_layers N`, N evenly spaced blocks cut from it (then the
 teacher defaults to model_name_or_path itself).
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 from functools import partial
 
 import torch
@@ -22,6 +24,7 @@ from danlu.training.arguments import ArgumentError
 from danlu.training.losses import causal_lm_loss, next_token_labels
 from danlu.data.supervised import IGNORE_INDEX
 from danlu.training.recipes.kd_dynabert import build_dynabert_stage
+from danlu.training.recipes.kd_encoder import build_encoder_stage
 from danlu.training.reference import load_frozen
 from danlu.training.stage import Stage, StepOutput
 from danlu.utils.progress import logger
@@ -38,8 +41,14 @@ def build_stage(lm, args) -> Stage:
         lm.model = student_from_teacher(lm.model, layers)
         lm.config = lm.model.config
     check_compatible(lm.model, teacher)
-    objective = objective_from_arguments(args, lm.config.num_hidden_layers, teacher.config.num_hidden_layers)
+    objective = dataclasses.replace(
+        objective_from_arguments(args, lm.config.num_hidden_layers, teacher.config.num_hidden_layers),
+        normalize_states=teacher.config.norm_position == "pre")
     logger.info("distillation: %s, %s", args.kd_method, objective)
+    if not teacher.config.causal:  # an encoder teacher: kd_task's data and prediction layer (kd_encoder.py)
+        return build_encoder_stage(lm, teacher, objective, args)
+    if args.kd_task != "embedding":
+        raise ArgumentError(f"kd_task {args.kd_task} is for an encoder teacher; a decoder learns kd_stage's task")
     projections = build_projections(objective, lm.config.hidden_size, teacher.config.hidden_size)
     trained = ()
     if projections is not None:
@@ -62,6 +71,10 @@ def build_teacher(lm, args) -> nn.Module:
 
 
 def check_compatible(student: nn.Module, teacher: nn.Module) -> None:
+    if student.config.causal != teacher.config.causal:
+        kinds = {True: "a decoder", False: "an encoder"}
+        raise ArgumentError(f"the teacher is {kinds[teacher.config.causal]} and the student "
+                            f"{kinds[student.config.causal]}; distillation needs two of one kind")
     if student.config.vocab_size != teacher.config.vocab_size:
         raise ArgumentError(f"teacher_model: the teacher's vocabulary has {teacher.config.vocab_size} tokens and "
                             f"the student's {student.config.vocab_size}; distilling logits needs one tokenizer")
