@@ -105,3 +105,12 @@ def test_dynabert_multipliers_are_checked():
                        dynabert_depths="1.0;0.5")
     with pytest.raises(ArgumentError, match="kd_method dynabert trains the whole model"):
         TrainArguments(dataset="identity", stage="kd", kd_method="dynabert")
+
+
+def test_export_refuses_a_dynabert_size_that_keeps_nothing(teacher_dir, tmp_path):
+    from danlu.cli.export import ExportArguments, export_merged
+
+    with pytest.raises(ArgumentError, match="dynabert_width / dynabert_depth: width 0.1 keeps none"):
+        export_merged(ExportArguments(model_name_or_path=str(teacher_dir), export_dir=str(tmp_path / "out"),
+                                      dynabert_width=0.1))
+    assert not (tmp_path / "out").exists()

@@ -12,18 +12,19 @@ from __future__ import annotations
 import copy
 import dataclasses
 from functools import partial
+from typing import Optional
 
 import torch
 from torch import nn
 
+from danlu.data.supervised import IGNORE_INDEX
 from danlu.distillation.layer_map import evenly_spaced_layers, parse_layer_map
-from danlu.distillation.objective import (METHOD_WEIGHTS, PROJECTIONS, Objective, build_projections, causal_pairs,
+from danlu.distillation.objective import (METHOD_WEIGHTS, PROJECTIONS, Objective, Outputs, build_projections,
+                                          causal_pairs,
                                           distillation_loss, method_objective, run_model)
 from danlu.distillation.students import student_from_teacher
 from danlu.training.arguments import ArgumentError
 from danlu.training.losses import causal_lm_loss, next_token_labels
-from danlu.data.supervised import IGNORE_INDEX
-from danlu.training.recipes.kd_dynabert import build_dynabert_stage
 from danlu.training.recipes.kd_encoder import build_encoder_stage
 from danlu.training.reference import load_frozen
 from danlu.training.stage import Stage, StepOutput
@@ -56,6 +57,8 @@ def build_stage(lm, args) -> Stage:
         trained = (PROJECTIONS,)
     data = RECIPES[args.kd_stage](lm, args)
     if args.kd_method == "dynabert":
+        from danlu.training.recipes.kd_dynabert import build_dynabert_stage  # it builds on decoder_step below
+
         return build_dynabert_stage(lm, teacher, objective, args, data)
     return Stage(data.train, data.eval, data.collate, partial(kd_step, teacher=teacher, objective=objective),
                  trained_modules=trained, dropped_modules=trained)
@@ -91,14 +94,21 @@ def objective_from_arguments(args, student_layers: int, teacher_layers: int) -> 
 
 
 def kd_step(model, batch: dict, teacher: nn.Module, objective: Objective) -> StepOutput:
-    student = run_model(model, batch, objective)
     with torch.no_grad():
         teacher_out = run_model(teacher, batch, objective)
-    hard, labelled = causal_lm_loss(student.logits, batch["labels"])
+    return decoder_step(model, batch, teacher_out, objective, getattr(model, PROJECTIONS, None))
+
+
+def decoder_step(student: nn.Module, batch: dict, teacher_out: Outputs, objective: Objective,
+                 projections: Optional[nn.Module] = None) -> StepOutput:
+    """The student's forward pass and the objective against the teacher's outputs on the same batch: the soft
+    terms where a next token is labelled, the hidden-state terms on every real token."""
+    student_out = run_model(student, batch, objective)
+    hard, labelled = causal_lm_loss(student_out.logits, batch["labels"])
     tokens = batch["attention_mask"] if batch.get("document_ids") is None else batch["document_ids"] != 0
     pairs = causal_pairs(tokens, batch.get("document_ids")) if objective.attention else None
     predicted = next_token_labels(batch["labels"]) != IGNORE_INDEX
-    loss, metrics = distillation_loss(objective, student, teacher_out, hard, predicted, tokens, pairs,
-                                      getattr(model, PROJECTIONS, None))
+    loss, metrics = distillation_loss(objective, student_out, teacher_out, hard, predicted, tokens, pairs,
+                                      projections)
     return StepOutput(loss, int(batch["attention_mask"].sum()), {**metrics, "lm_loss": float(hard.detach())},
                       weight=labelled)

@@ -21,10 +21,10 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from danlu.data.supervised import IGNORE_INDEX
 from danlu.distillation.dynabert import importance, kept_layers, rewire, sub_network
-from danlu.distillation.objective import Objective, distillation_loss, run_model
-from danlu.training.losses import causal_lm_loss, next_token_labels
+from danlu.distillation.objective import Objective, run_model
+from danlu.training.losses import causal_lm_loss
+from danlu.training.recipes.kd import decoder_step
 from danlu.training.stage import Stage, StepOutput
 from danlu.utils.progress import logger
 
@@ -46,7 +46,7 @@ def build_dynabert_stage(lm, teacher: nn.Module, objective: Objective, args, dat
     sizes = [(width, depth) for depth in depths for width in widths]
     logger.info("dynabert: %d sub-networks (width, depth) per step: %s", len(sizes), sizes)
     step = partial(dynabert_step, teacher=teacher, objective=objective, teacher_at_width=depth_phase,
-                   cached=TeacherCache())
+                   cached=TeacherCache(), networks={})
     return Stage(data.train, data.eval, partial(collate_sized, data.collate), step,
                  updates=partial(every_size, sizes=sizes))
 
@@ -88,20 +88,25 @@ class TeacherCache:
 
 
 def dynabert_step(model, batch: dict, teacher: nn.Module, objective: Objective, teacher_at_width: bool,
-                  cached: TeacherCache) -> StepOutput:
+                  cached: TeacherCache, networks: dict) -> StepOutput:
     width, depth = batch.get("size", (1.0, 1.0))
-    student = model if (width, depth) == (1.0, 1.0) else sub_network(model, width, depth)
     kept = kept_layers(model.config.num_hidden_layers, depth)
     here = dataclasses.replace(objective, layer_map=tuple((i + 1, layer + 1) for i, layer in enumerate(kept)))
     teacher_width = width if teacher_at_width else 1.0
-    teacher_view = teacher if teacher_width == 1.0 else sub_network(teacher, teacher_width, 1.0)
+    teacher_view = sized(teacher, teacher_width, 1.0, networks)
     with torch.no_grad():
         teacher_out = cached.get(teacher_width, batch["input_ids"], lambda: run_model(teacher_view, batch, here))
-    student_out = run_model(student, batch, here)
-    hard, labelled = causal_lm_loss(student_out.logits, batch["labels"])
-    tokens = batch["attention_mask"] if batch.get("document_ids") is None else batch["document_ids"] != 0
-    predicted = next_token_labels(batch["labels"]) != IGNORE_INDEX
-    loss, metrics = distillation_loss(here, student_out, teacher_out, hard, predicted, tokens, None)
-    metrics[f"lm_loss_w{width:g}_d{depth:g}"] = float(hard.detach())
-    return StepOutput(loss, int(batch["attention_mask"].sum()), {**metrics, "lm_loss": float(hard.detach())},
-                      weight=labelled)
+    out = decoder_step(sized(model, width, depth, networks), batch, teacher_out, here)
+    out.metrics[f"lm_loss_w{width:g}_d{depth:g}"] = out.metrics["lm_loss"]
+    return out
+
+
+def sized(model: nn.Module, width: float, depth: float, networks: dict):
+    """The model at (width, depth): itself at full size, else its sub-network, built once per run (the
+    sub-network takes fresh views of the weights at every call)."""
+    if (width, depth) == (1.0, 1.0):
+        return model
+    key = (id(model), width, depth)
+    if key not in networks:
+        networks[key] = sub_network(model, width, depth)
+    return networks[key]
