@@ -67,11 +67,33 @@ class APIError(Exception):
 
 def create_app(engine: Engine, model_name: str, template: Optional[str] = None, api_key: Optional[str] = None,
                default_max_tokens: int = 512) -> FastAPI:
+    """The FastAPI app: OpenAI's error shapes, the API key check, and the routes, each handed to a Service."""
     app = FastAPI(title="danlu", version="0.1.0")
-    tokenizer = engine.tokenizer
-    template_stops = stop_words(tokenizer, template)
-    adapter_names = list(engine.adapters.names) if engine.adapters is not None else []
+    service = Service(engine, model_name, template, default_max_tokens)
+    add_error_handlers(app)
+    if api_key:
+        add_api_key_check(app, api_key)
 
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", **engine.load}
+
+    @app.get("/v1/models")
+    async def models():
+        return service.models()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest):
+        return await service.chat_completion(body, http)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, http: HTTPRequest):
+        return await service.completion(body, http)
+
+    return app
+
+
+def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_, exc: APIError):
         return error_response(exc.status, exc.message, exc.kind, exc.param, exc.code)
@@ -82,42 +104,99 @@ def create_app(engine: Engine, model_name: str, template: Optional[str] = None, 
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         return error_response(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}", param=where or None)
 
+
+def add_api_key_check(app: FastAPI, api_key: str) -> None:
     @app.middleware("http")
     async def _authenticate(request: HTTPRequest, call_next):
-        if api_key and request.url.path.startswith("/v1"):
+        if request.url.path.startswith("/v1"):
             if request.headers.get("authorization", "") != f"Bearer {api_key}":
                 return error_response(401, "missing or wrong API key (send Authorization: Bearer KEY)",
                                       "authentication_error", code="invalid_api_key")
         return await call_next(request)
 
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", **engine.load}
 
-    @app.get("/v1/models")
-    async def models():
+class Service:
+    """What the routes do: requests turned into engine generations and OpenAI's response bodies."""
+
+    def __init__(self, engine: Engine, model_name: str, template: Optional[str], default_max_tokens: int):
+        self.engine, self.model_name, self.template = engine, model_name, template
+        self.default_max_tokens = default_max_tokens
+        self.tokenizer = engine.tokenizer
+        self.template_stops = stop_words(self.tokenizer, template)
+        self.adapter_names = list(engine.adapters.names) if engine.adapters is not None else []
+
+    def models(self) -> dict:
         created = int(time.time())
         return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "danlu"}
-                                           for name in [model_name, *adapter_names]]}
+                                           for name in [self.model_name, *self.adapter_names]]}
 
-    def resolve_adapter(name: str) -> Optional[str]:
-        if name == model_name:
+    async def chat_completion(self, body: ChatCompletionRequest, http: HTTPRequest):
+        adapter = self.resolve_adapter(body.model)
+        prompt = self.chat_prompt(body)
+        config = self.generation_config(body, self.template_stops)
+        self.engine_check(prompt, config)
+        if body.stream:
+            return self.stream_response(body, prompt, config, adapter, http, chat=True)
+        results = await asyncio.gather(*[self.collect(prompt, seeded(config, i), adapter, http, body.ignore_eos)
+                                         for i in range(body.n)])
+        choices = [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
+                    "logprobs": None} for i, (text, reason, _) in enumerate(results)]
+        return completion_body("chatcmpl", "chat.completion", body.model, choices, len(prompt),
+                               sum(t for _, _, t in results))
+
+    async def completion(self, body: CompletionRequest, http: HTTPRequest):
+        adapter = self.resolve_adapter(body.model)
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if not prompts or any(not p for p in prompts):
+            raise APIError(400, "prompt must be a non-empty string or list of strings", param="prompt")
+        encoded = [self.tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+        if body.max_tokens is None and body.max_completion_tokens is None:
+            body.max_tokens = 16  # OpenAI's default for completions
+        config = self.generation_config(body, [])
+        for ids in encoded:
+            self.engine_check(ids, config)
+        if body.stream:
+            if len(encoded) != 1:
+                raise APIError(400, "streaming takes one prompt", param="prompt")
+            return self.stream_response(body, encoded[0], config, adapter, http, chat=False)
+        jobs = [self.collect(ids, seeded(config, i), adapter, http, body.ignore_eos)
+                for ids in encoded for i in range(body.n)]
+        results = await asyncio.gather(*jobs)
+        choices = [{"index": i, "text": text, "finish_reason": reason, "logprobs": None}
+                   for i, (text, reason, _) in enumerate(results)]
+        return completion_body("cmpl", "text_completion", body.model, choices,
+                               sum(len(ids) for ids in encoded), sum(t for _, _, t in results))
+
+    def resolve_adapter(self, name: str) -> Optional[str]:
+        if name == self.model_name:
             return None
-        if name in adapter_names:
+        if name in self.adapter_names:
             return name
-        raise APIError(404, f"the model {name!r} does not exist; served: {[model_name, *adapter_names]}",
+        raise APIError(404, f"the model {name!r} does not exist; served: {[self.model_name, *self.adapter_names]}",
                        param="model", code="model_not_found")
 
-    def generation_config(body: SamplingFields, extra_stops: list[str]) -> GenerationConfig:
+    def generation_config(self, body: SamplingFields, extra_stops: list[str]) -> GenerationConfig:
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if any(not s for s in stops):
             raise APIError(400, "stop strings must not be empty", param="stop")
-        max_tokens = body.max_completion_tokens or body.max_tokens or default_max_tokens
+        max_tokens = body.max_completion_tokens or body.max_tokens or self.default_max_tokens
         return GenerationConfig(max_new_tokens=max_tokens, temperature=body.temperature, top_k=body.top_k,
                                 top_p=body.top_p, repetition_penalty=body.repetition_penalty, seed=body.seed,
                                 stop=stops).with_stops(extra_stops)
 
-    async def run(prompt_ids: list[int], config: GenerationConfig, adapter: Optional[str], http: HTTPRequest,
+    def chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
+        try:
+            return encode_chat(self.tokenizer, [m.model_dump() for m in body.messages], self.template)
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from None
+
+    def engine_check(self, prompt: list[int], config: GenerationConfig) -> None:
+        try:
+            self.engine.check_fits(len(prompt), config.max_new_tokens)
+        except PromptTooLong as e:
+            raise APIError(400, str(e), param="max_tokens", code="context_length_exceeded") from None
+
+    async def run(self, prompt_ids: list[int], config: GenerationConfig, adapter: Optional[str], http: HTTPRequest,
                   ignore_eos: bool = False):
         """Submit one generation; yield its events as they come."""
         loop = asyncio.get_running_loop()
@@ -125,7 +204,7 @@ def create_app(engine: Engine, model_name: str, template: Optional[str] = None, 
         request = Request(prompt_ids, config, lambda e: loop.call_soon_threadsafe(events.put_nowait, e), adapter,
                           ignore_eos)
         try:
-            engine.submit(request)
+            self.engine.submit(request)
         except QueueFull as e:
             raise APIError(429, str(e), "rate_limit_error", code="server_busy") from None
         except PromptTooLong as e:
@@ -144,9 +223,9 @@ def create_app(engine: Engine, model_name: str, template: Optional[str] = None, 
         finally:
             request.cancel()  # a client gone mid-way frees its slot at the next step
 
-    async def collect(prompt_ids, config, adapter, http, ignore_eos=False) -> tuple[str, str, int]:
+    async def collect(self, prompt_ids, config, adapter, http, ignore_eos=False) -> tuple[str, str, int]:
         text, reason, tokens = [], "stop", 0
-        async for event in run(prompt_ids, config, adapter, http, ignore_eos):
+        async for event in self.run(prompt_ids, config, adapter, http, ignore_eos):
             text.append(event.text)
             tokens = event.completion_tokens or tokens
             if event.finish_reason:
@@ -155,80 +234,16 @@ def create_app(engine: Engine, model_name: str, template: Optional[str] = None, 
                 reason = event.finish_reason
         return "".join(text), reason, tokens
 
-    def chat_prompt(body: ChatCompletionRequest) -> list[int]:
-        try:
-            return encode_chat(tokenizer, [m.model_dump() for m in body.messages], template)
-        except ValueError as e:
-            raise APIError(400, str(e), param="messages") from None
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest):
-        adapter = resolve_adapter(body.model)
-        prompt = chat_prompt(body)
-        config = generation_config(body, template_stops)
-        engine_check(prompt, config)
-        if body.stream:
-            return stream_response(body, prompt, config, adapter, http, chat=True)
-        results = await asyncio.gather(*[collect(prompt, seeded(config, i), adapter, http, body.ignore_eos)
-                                         for i in range(body.n)])
-        choices = [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
-                    "logprobs": None} for i, (text, reason, _) in enumerate(results)]
-        return completion_body("chatcmpl", "chat.completion", body.model, choices, len(prompt),
-                               sum(t for _, _, t in results))
-
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, http: HTTPRequest):
-        adapter = resolve_adapter(body.model)
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if not prompts or any(not p for p in prompts):
-            raise APIError(400, "prompt must be a non-empty string or list of strings", param="prompt")
-        encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
-        if body.max_tokens is None and body.max_completion_tokens is None:
-            body.max_tokens = 16  # OpenAI's default for completions
-        config = generation_config(body, [])
-        for ids in encoded:
-            engine_check(ids, config)
-        if body.stream:
-            if len(encoded) != 1:
-                raise APIError(400, "streaming takes one prompt", param="prompt")
-            return stream_response(body, encoded[0], config, adapter, http, chat=False)
-        jobs = [collect(ids, seeded(config, i), adapter, http, body.ignore_eos) for ids in encoded for i in range(body.n)]
-        results = await asyncio.gather(*jobs)
-        choices = [{"index": i, "text": text, "finish_reason": reason, "logprobs": None}
-                   for i, (text, reason, _) in enumerate(results)]
-        return completion_body("cmpl", "text_completion", body.model, choices,
-                               sum(len(ids) for ids in encoded), sum(t for _, _, t in results))
-
-    def engine_check(prompt: list[int], config: GenerationConfig) -> None:
-        try:
-            engine.check_fits(len(prompt), config.max_new_tokens)
-        except PromptTooLong as e:
-            raise APIError(400, str(e), param="max_tokens", code="context_length_exceeded") from None
-
-    def stream_response(body, prompt, config, adapter, http, chat: bool) -> StreamingResponse:
+    def stream_response(self, body, prompt, config, adapter, http, chat: bool) -> StreamingResponse:
         if body.n != 1:
             raise APIError(400, "stream with n > 1 is not supported", param="n")
-        chunk_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        created = int(time.time())
-        kind = "chat.completion.chunk" if chat else "text_completion"
-
-        def chunk(delta_text: Optional[str], finish: Optional[str], role: bool = False, usage=None) -> str:
-            if chat:
-                delta = {"role": "assistant", "content": ""} if role else ({"content": delta_text} if delta_text else {})
-                choices = [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
-            else:
-                choices = [{"index": 0, "text": delta_text or "", "finish_reason": finish, "logprobs": None}]
-            payload = {"id": chunk_id, "object": kind, "created": created, "model": body.model,
-                       "choices": [] if usage else choices}
-            if usage:
-                payload["usage"] = usage
-            return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+        chunk = StreamChunks(body.model, chat)
 
         async def events():
             if chat:
                 yield chunk(None, None, role=True)
             tokens = 0
-            async for event in run(prompt, config, adapter, http, body.ignore_eos):
+            async for event in self.run(prompt, config, adapter, http, body.ignore_eos):
                 tokens = event.completion_tokens or tokens
                 if event.text:
                     yield chunk(event.text, None)
@@ -243,7 +258,27 @@ def create_app(engine: Engine, model_name: str, template: Optional[str] = None, 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    return app
+
+class StreamChunks:
+    """The server-sent events of one streamed completion (chat deltas or text pieces), one id and time for all."""
+
+    def __init__(self, model: str, chat: bool):
+        self.model, self.chat = model, chat
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.kind = "chat.completion.chunk" if chat else "text_completion"
+
+    def __call__(self, delta_text: Optional[str], finish: Optional[str], role: bool = False, usage=None) -> str:
+        if self.chat:
+            delta = {"role": "assistant", "content": ""} if role else ({"content": delta_text} if delta_text else {})
+            choices = [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
+        else:
+            choices = [{"index": 0, "text": delta_text or "", "finish_reason": finish, "logprobs": None}]
+        payload = {"id": self.id, "object": self.kind, "created": self.created, "model": self.model,
+                   "choices": [] if usage else choices}
+        if usage:
+            payload["usage"] = usage
+        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
 def seeded(config: GenerationConfig, index: int) -> GenerationConfig:
