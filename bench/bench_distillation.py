@@ -8,7 +8,8 @@ the same 15 blocks cut from it (`--student_layers 15`: blocks 0, 2, ..., 28, Dis
 trained for the same steps on the same data: `danlu train --stage kd --kd_stage pt --dataset danlu_text`
 (the shipped corpus cut in cutoff_len blocks, the first val_size of them held out), full fine-tuning, AdamW
 lr 1e-4, batch --batch (4), constant schedule, seed 42. "no KD" is that run with kd_alpha 0 (the hard labels alone);
-the others are the methods with their published default weights.
+the others are the methods with their published default weights; TinyBERT as its paper trains, the intermediate
+layers (embedding, hidden and attention-score MSE) for half the steps, then the prediction layer for the rest.
 
 Quality is the perplexity on the held-out blocks (danlu.evaluation.perplexity, one window per block); its
 retention is teacher perplexity / student perplexity (1.0 = as good as the teacher). Latency: the median over
@@ -88,14 +89,38 @@ def measure(name: str, model, blocks, teacher_ppl: float | None, seconds: float 
             "retention": (teacher_ppl or ppl) / ppl, "train_s": seconds, "foreign_load": round(load.share, 3)}
 
 
+def student_runs(args) -> list[tuple[str, list[dict]]]:
+    """Each row's training, as one or more consecutive runs (each from the previous one's output)."""
+    runs = [("no KD (hard labels)", [dict(kd_method="kd", kd_alpha=0.0)])]
+    for method in args.methods:
+        if method != "tinybert":
+            runs.append((method, [dict(kd_method=method)]))
+            continue
+        # TinyBERT's procedure: the intermediate layers first (prediction weight 0), then the prediction layer
+        # alone; half the steps each, so that the row trains as long as the others.
+        intermediate = dict(kd_method="tinybert", kd_prediction_weight=0.0, max_steps=args.steps // 2)
+        prediction = dict(kd_method="tinybert", kd_attention_weight=0.0, kd_hidden_weight=0.0,
+                          kd_embedding_weight=0.0, kd_prediction_weight=1.0, max_steps=args.steps - args.steps // 2)
+        runs.append(("tinybert (layers, then prediction)", [intermediate, prediction]))
+    return runs
+
+
+def stage_dir(out: Path, i: int) -> Path:
+    return out.with_name(f"{out.name}-stage{i}")
+
+
 def run_students(args, work: Path, teacher_row: dict, blocks) -> list[dict]:
-    runs = [("no KD (hard labels)", dict(kd_method="kd", kd_alpha=0.0))]
-    runs += [(method, dict(kd_method=method)) for method in args.methods]
     rows = []
-    for name, extra in runs:
-        out = work / name.split()[0].replace(" ", "_")
+    for name, stages in student_runs(args):
+        out = work / name.split()[0]
         start = time.perf_counter()
-        train(common_args(out, args.steps, student_layers=15, **extra))
+        for i, extra in enumerate(stages):
+            after_first = {} if i == 0 else dict(model_name_or_path=str(stage_dir(out, i - 1)),
+                                                  teacher_model=str(ensure_bundled_model()))
+            last = i == len(stages) - 1
+            values = {"max_steps": args.steps, "student_layers": None if i else 15, **after_first, **extra}
+            steps = values.pop("max_steps")
+            train(common_args(out if last else stage_dir(out, i), steps, **values))
         seconds = time.perf_counter() - start
         student = load_pretrained(out, dtype="float32", device="cpu").model
         rows.append(measure(name, student, blocks, teacher_row["perplexity"], seconds))

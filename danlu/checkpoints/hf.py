@@ -262,6 +262,10 @@ def _unrepresentable(config: ModelConfig) -> list[str]:
         problems.append(f"{arch} has one attention_bias for q, k, v and o: qkv_bias must equal o_bias")
     if arch == "llama" and config.sliding_window is not None:
         problems.append("Llama has no sliding window")
+    if arch == "llama" and config.hidden_size % config.num_attention_heads:
+        problems.append(f"transformers' LlamaConfig refuses hidden_size {config.hidden_size} with "
+                        f"{config.num_attention_heads} attention heads (not a multiple), even with head_dim set; "
+                        f"Mistral computes the same without biases (architecture='mistral')")
     if arch == "qwen3" and config.mlp_bias:
         problems.append("Qwen3 has no MLP bias")
     if arch == "qwen2" and (not config.qkv_bias or config.o_bias or config.mlp_bias):

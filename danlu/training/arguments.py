@@ -159,7 +159,7 @@ class TrainArguments:
     ppo_score_norm: bool = False
     ppo_target: float = 6.0
     ppo_whiten_rewards: bool = False
-    # PPO rollouts: LLaMA-Factory's generating arguments (its defaults)
+    # PPO rollouts and on-policy KD's student answers: LLaMA-Factory's generating arguments (its defaults)
     do_sample: bool = True
     temperature: float = 0.95
     top_p: float = 0.7
@@ -187,6 +187,9 @@ class TrainArguments:
     kd_embedding_weight: Optional[float] = None
     kd_prediction_weight: Optional[float] = None
     layer_map: Optional[str] = None  # "1:2,2:4": student layer -> teacher layer (0 = embeddings)
+    # on-policy KD (GKD, TRL's lmbda): the share of micro-batches whose answers the student writes itself
+    # (sampled with the generating arguments above), the teacher then scoring every token of them
+    kd_lmbda: float = 0.0
     # dynabert: the widths trained at every step, then (a second run from the first's output) the depths too
     dynabert_widths: str = "1.0,0.75,0.5,0.25"
     dynabert_depths: str = "1.0"  # "1.0,0.75,0.5" for the depth-adaptive run
@@ -287,6 +290,9 @@ class TrainArguments:
             raise ArgumentError(f"kd_temperature must be positive, got {self.kd_temperature}")
         if not 0 <= self.kd_jsd_beta <= 1:
             raise ArgumentError(f"kd_jsd_beta must be in [0, 1], got {self.kd_jsd_beta}")
+        if not 0 <= self.kd_lmbda <= 1:
+            raise ArgumentError(f"kd_lmbda (the share of on-policy micro-batches) must be in [0, 1], got "
+                                f"{self.kd_lmbda}")
         if self.student_layers is not None and self.student_layers <= 0:
             raise ArgumentError(f"student_layers must be positive, got {self.student_layers}")
         self.multipliers("dynabert_widths"), self.multipliers("dynabert_depths")
@@ -299,6 +305,11 @@ class TrainArguments:
                 raise ArgumentError("kd_method dynabert trains the whole model at every width and depth: use "
                                     "finetuning_type full and no student_layers (dynabert_depths sets the depths)")
             return
+        if self.kd_lmbda and (self.kd_stage != "sft" or self.packing or self.kd_method == "dynabert"):
+            raise ArgumentError(f"kd_lmbda {self.kd_lmbda}: on-policy answers replace the answers of chat "
+                                f"prompts, so they need kd_stage sft without packing and a method other than "
+                                f"dynabert (got kd_stage {self.kd_stage}, packing {self.packing}, kd_method "
+                                f"{self.kd_method})")
         if not self.teacher_model and not self.student_layers:
             raise ArgumentError("stage kd needs a teacher: teacher_model PATH, or student_layers N to cut a student "
                                 "from model_name_or_path and learn from it")
@@ -307,6 +318,14 @@ class TrainArguments:
                                 "(an adapter would have no base model to load onto)")
         if self.teacher_adapters and not self.teacher_model:
             raise ArgumentError("teacher_adapters needs teacher_model (the base the adapters belong to)")
+
+    def generation_config(self):
+        """The generating arguments as danlu.generation's GenerationConfig (greedy when do_sample is false)."""
+        from danlu.generation.sampling import GenerationConfig
+
+        return GenerationConfig(max_new_tokens=self.max_new_tokens,
+                                temperature=self.temperature if self.do_sample else 0.0, top_k=self.top_k,
+                                top_p=self.top_p, repetition_penalty=self.repetition_penalty)
 
     def multipliers(self, key: str) -> tuple[float, ...]:
         """A comma-separated list of DynaBERT width or depth multipliers, each in (0, 1], 1.0 included."""

@@ -3,15 +3,23 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
 
 
+def temporary_sibling(path: Path) -> Path:
+    """A fresh hidden name beside `path`. Created with the umask's permissions, unlike mkstemp/mkdtemp's 0600/0700,
+    which would hide a saved model from the user's group."""
+    return path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = temporary_sibling(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -32,7 +40,8 @@ def atomic_directory(target: Path):
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    tmp = temporary_sibling(target)
+    tmp.mkdir()
     try:
         yield tmp
         if target.exists():

@@ -30,6 +30,13 @@ def test_model_info_json_memory_and_kv_cache(capsys):
     assert info["kv_cache_bytes_per_token"]["bfloat16"] == 2 * 28 * 4 * 128 * 2
 
 
+def test_model_info_of_an_encoder_shows_its_positions_and_no_kv_cache(capsys):
+    code, out, _ = run(capsys, "model-info", "all-minilm-l6-v2")
+    assert code == 0 and "MHA (bidirectional)" in out
+    assert "learned absolute embeddings (512)" in out and "rope" not in out and "KV cache" not in out
+    assert next(line for line in out.splitlines() if line.startswith("parameters ")).split()[1] == "22713216"
+
+
 def test_model_info_of_real_gguf_without_loading_weights(capsys, real_gguf):
     code, out, _ = run(capsys, "model-info", str(real_gguf), "--json")
     assert code == 0 and json.loads(out)["parameters"] == 134_515_008

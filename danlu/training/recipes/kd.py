@@ -2,6 +2,7 @@
 
 The data and the hard-label loss are those of `kd_stage` (sft: chat answers; pt: text blocks); the method
 (`kd_method`: kd, pkd_skip, pkd_last, distilbert, tinybert) says which losses of danlu.distillation are added;
+`kd_lmbda` makes some answers the student's own (on-policy, kd_on_policy.py);
 dynabert trains one network at several widths and depths (kd_dynabert.py). An encoder teacher (BERT-family)
 takes its data and prediction layer from `kd_task` instead (embedding or classification: kd_encoder.py).
 The student is `model_name_or_path`, or, with `student_layers N`, N evenly spaced blocks cut from it (then the
@@ -26,6 +27,7 @@ from danlu.distillation.students import student_from_teacher
 from danlu.training.arguments import ArgumentError
 from danlu.training.losses import causal_lm_loss, next_token_labels
 from danlu.training.recipes.kd_encoder import build_encoder_stage
+from danlu.training.recipes.kd_on_policy import STUDENT_ANSWERS, OnPolicyAnswers, collate_marking_student_answers
 from danlu.training.reference import load_frozen
 from danlu.training.stage import Stage, StepOutput
 from danlu.utils.progress import logger
@@ -60,8 +62,13 @@ def build_stage(lm, args) -> Stage:
         from danlu.training.recipes.kd_dynabert import build_dynabert_stage  # it builds on decoder_step below
 
         return build_dynabert_stage(lm, teacher, objective, args, data)
-    return Stage(data.train, data.eval, data.collate, partial(kd_step, teacher=teacher, objective=objective),
-                 trained_modules=trained, dropped_modules=trained)
+    step = partial(kd_step, teacher=teacher, objective=objective)
+    if args.kd_lmbda:
+        logger.info("on-policy: the student answers %.0f%% of the micro-batches itself", 100 * args.kd_lmbda)
+        return Stage(data.train, data.eval, partial(collate_marking_student_answers, collate=data.collate), step,
+                     trained_modules=trained, dropped_modules=trained,
+                     updates=OnPolicyAnswers(lm.tokenizer, args.generation_config(), args.kd_lmbda, args.seed))
+    return Stage(data.train, data.eval, data.collate, step, trained_modules=trained, dropped_modules=trained)
 
 
 def build_teacher(lm, args) -> nn.Module:
@@ -94,9 +101,15 @@ def objective_from_arguments(args, student_layers: int, teacher_layers: int) -> 
 
 
 def kd_step(model, batch: dict, teacher: nn.Module, objective: Objective) -> StepOutput:
+    on_policy = bool(batch.get(STUDENT_ANSWERS))
+    if on_policy:  # no reference answer for the hard-label loss (kd_on_policy.py)
+        objective = dataclasses.replace(objective, hard=0.0)
     with torch.no_grad():
         teacher_out = run_model(teacher, batch, objective)
-    return decoder_step(model, batch, teacher_out, objective, getattr(model, PROJECTIONS, None))
+    out = decoder_step(model, batch, teacher_out, objective, getattr(model, PROJECTIONS, None))
+    if STUDENT_ANSWERS not in batch:
+        return out
+    return out._replace(metrics={**out.metrics, "on_policy": float(on_policy)})
 
 
 def decoder_step(student: nn.Module, batch: dict, teacher_out: Outputs, objective: Objective,

@@ -61,10 +61,7 @@ def build_stage(lm, args) -> Stage:
     prompts = [prompt_of(example) for example in data.train]
     reward = build_reward(lm, args)  # before the policy changes: a LoRA reward model starts from the same base
     reference = build_reference(lm, args)
-    generation = GenerationConfig(max_new_tokens=args.max_new_tokens,
-                                  temperature=args.temperature if args.do_sample else 0.0, top_k=args.top_k,
-                                  top_p=args.top_p, repetition_penalty=args.repetition_penalty)
-    settings = PPOSettings(generation, args.per_device_train_batch_size, args.gradient_accumulation_steps,
+    settings = PPOSettings(args.generation_config(), args.per_device_train_batch_size, args.gradient_accumulation_steps,
                            args.ppo_epochs, args.ppo_score_norm,
                            PPOHyperparameters(target=args.ppo_target, whiten_rewards=args.ppo_whiten_rewards),
                            args.seed)
