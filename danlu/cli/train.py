@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def add_parser(sub, name):
@@ -25,6 +26,8 @@ def run(args) -> int:
             print(f"  --{f.name} (default: {default})")
         return 0
     result = train(parse_train_arguments(args.argv))
+    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun the main rank speaks for the run
+        return 0
     final = result.train_losses[-1] if result.train_losses else float("nan")
     print(f"trained {result.state.global_step} steps; last loss {final:.4f}"
           + (f"; last eval_loss {result.eval_losses[-1]:.4f}" if result.eval_losses else "")

@@ -14,6 +14,9 @@ from typing import Any, Optional
 
 import yaml
 
+from danlu.distributed.layout import (LayoutError, ParallelLayout, deepspeed_zero_stage, parse_parallel,
+                                     resolve_layout)
+from danlu.distributed.mesh import BACKENDS
 from danlu.utils.progress import logger
 
 STAGES = ("sft", "pt", "rm", "dpo", "kto", "ppo", "kd")
@@ -132,7 +135,13 @@ class TrainArguments:
     logging_steps: int = 10
     report_to: str = "none"
     plot_loss: bool = False
-    ddp_timeout: Optional[int] = ignored(None, "a single process makes no process group")
+    # parallel training under torchrun (danlu.distributed): "dp=2,fsdp=1,tp=1,pp=1", their product the world
+    # size; unset: dp = WORLD_SIZE. Or LLaMA-Factory's deepspeed: a ZeRO config mapped onto DDP/FSDP2.
+    parallel: Optional[str] = None
+    deepspeed: Optional[str] = None
+    ddp_timeout: Optional[int] = None  # seconds a collective may wait; None: torch's default (30 minutes)
+    ddp_backend: Optional[str] = None  # gloo | nccl; None: nccl on GPUs, gloo on the CPU
+    ddp_find_unused_parameters: Optional[bool] = None  # DDP: let parameters that got no gradient pass
     include_num_input_tokens_seen: bool = False
     save_only_model: bool = ignored(False, "checkpoints always keep the optimizer and scheduler state, "
                                            "so that any of them can be resumed")
@@ -241,8 +250,32 @@ class TrainArguments:
             raise ArgumentError(f"loss_chunk_size must be 0 (off) or positive, got {self.loss_chunk_size}")
         if self.load_best_model_at_end and self.eval_strategy == "no":
             raise ArgumentError("load_best_model_at_end needs eval_strategy steps or epoch (and val_size > 0)")
+        self.validate_parallel()
         self.validate_preference()
         self.validate_distillation()
+
+    def validate_parallel(self) -> None:
+        """The layout's keys and the deepspeed file, before any work (its product is checked against the world
+        size by `parallel_layout`, once the processes are running)."""
+        check_choice("ddp_backend", self.ddp_backend, (None, *BACKENDS))
+        if self.ddp_timeout is not None and self.ddp_timeout <= 0:
+            raise ArgumentError(f"ddp_timeout must be a positive number of seconds, got {self.ddp_timeout}")
+        try:
+            if self.parallel and self.deepspeed:
+                resolve_layout(self.parallel, self.deepspeed, 1)  # names the conflict
+            if self.parallel:
+                parse_parallel(self.parallel)
+            if self.deepspeed:
+                deepspeed_zero_stage(self.deepspeed)
+        except LayoutError as e:
+            raise ArgumentError(str(e)) from None
+
+    def parallel_layout(self, world_size: int) -> ParallelLayout:
+        """The run's layout for `world_size` processes (from parallel, deepspeed, or dp = world_size)."""
+        try:
+            return resolve_layout(self.parallel, self.deepspeed, world_size)
+        except LayoutError as e:
+            raise ArgumentError(str(e)) from None
 
     def validate_preference(self) -> None:
         check_choice("pref_loss", self.pref_loss, PREF_LOSSES)

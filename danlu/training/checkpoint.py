@@ -3,6 +3,11 @@
 A checkpoint directory appears only when complete (written beside, then renamed), so a crash, a full
 disk or Ctrl-C never leaves a half-written checkpoint to resume from. Only tensors and plain values are
 stored, and everything is read with weights_only=True.
+
+Under sharded data parallel (FSDP2) the files are the same as one process writes: the trainable weights
+and the optimizer state are gathered whole to the main rank (danlu.distributed.full_state), and a resume
+loads them whole on every rank and shards them again; so a run resumes at its layout. Resuming in another
+layout from torch.distributed.checkpoint's sharded files is a later part of issue 13.
 """
 from __future__ import annotations
 
@@ -16,6 +21,8 @@ from typing import Optional
 
 import torch
 
+from danlu.distributed.full_state import (full_model_state, full_optimizer_state, is_sharded,
+                                          load_full_model_state, shard_optimizer_state)
 from danlu.utils.atomic import atomic_directory
 from danlu.utils.progress import logger
 
@@ -42,9 +49,13 @@ class TrainerState:
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The weights that train, by name: what a checkpoint keeps of the model (the one place that decides it,
-    so that sharded training can gather its shards here)."""
-    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    """The weights that train, by name: what a checkpoint keeps of the model (the one place that decides it).
+    A sharded model's are gathered whole to the main rank (a collective; the other ranks get only the names)."""
+    trainable = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    if not is_sharded(model):
+        return trainable
+    gathered = full_model_state(model, trainable_only=True)
+    return {name: gathered.get(name) for name in trainable}
 
 
 def load_trainable(model: torch.nn.Module, directory: Path) -> None:
@@ -57,6 +68,9 @@ def load_trainable(model: torch.nn.Module, directory: Path) -> None:
     if missing:
         raise ValueError(f"{directory}: the checkpoint does not hold {missing[:3]}: it was saved by a different "
                          f"finetuning setup")
+    if is_sharded(model):
+        load_full_model_state(model, {name: saved[name] for name in trainable})
+        return
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name in trainable:
@@ -75,12 +89,16 @@ def save_checkpoint(output_dir: Path, state: TrainerState, model: torch.nn.Modul
     from safetensors.torch import save_file
 
     target = Path(output_dir) / f"checkpoint-{state.global_step}"
+    sharded = is_sharded(model)
+    if topology is not None and not topology.is_main and not sharded:
+        return target
+    weights = trainable_state(model)  # gathered by every rank when sharded
+    optimizer_state = full_optimizer_state(optimizer) if sharded else optimizer.state_dict()
     if topology is not None and not topology.is_main:
         return target
     with atomic_directory(target) as tmp:
-        save_file({k: v.contiguous().cpu() for k, v in trainable_state(model).items()},
-                  str(tmp / TRAINABLE_NAME))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        save_file({k: v.contiguous().cpu() for k, v in weights.items()}, str(tmp / TRAINABLE_NAME))
+        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
         torch.save(rng_state(), tmp / "rng_state.pt")
         (tmp / STATE_NAME).write_text(json.dumps(asdict(state), indent=2), encoding="utf-8")
     if save_total_limit:
@@ -98,6 +116,8 @@ def load_checkpoint(directory: Path, model: torch.nn.Module, optimizer, schedule
     load_trainable(model, directory)
     saved = torch.load(directory / "optimizer.pt", weights_only=True)
     optimizer.load_state_dict(saved["optimizer"])
+    if is_sharded(model):
+        shard_optimizer_state(optimizer)
     scheduler.load_state_dict(saved["scheduler"])
     set_rng_state(torch.load(directory / "rng_state.pt", weights_only=True))
     logger.info("resumed from %s at step %d", directory, state.global_step)

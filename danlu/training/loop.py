@@ -2,6 +2,12 @@
 
 `fit` does, once for all stages: the epoch order (sharded by rank), gradient accumulation, clipping,
 autocast and fp16 loss scaling, logging, evaluation, checkpoints and resume, Ctrl-C and NaN handling.
+
+Data parallel (the model already wrapped by danlu.distributed.data_parallel, a process group joined): each rank
+steps on its share of every micro-batch, and the result is the step one process would take on the whole of it.
+A step returns the mean of its loss over its batch's StepOutput.weight (labelled tokens, pairs, ...); each
+rank's mean is weighted by its share of the micro-batch's weight over all ranks, so that the gradients DDP and
+FSDP average over the ranks are those of the whole micro-batch's mean, and the logged loss is that mean.
 """
 from __future__ import annotations
 
@@ -11,7 +17,9 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
+from danlu.distributed.data_parallel import gradient_sync
 from danlu.training.checkpoint import TrainerState, latest_checkpoint, load_best, load_checkpoint, save_checkpoint
 from danlu.training.evaluate import evaluate
 from danlu.training.logs import TrainingLog
@@ -117,11 +125,15 @@ class _Run:
             self.save()
 
     def optimizer_step(self, micro_batches: list[dict], epoch: float) -> None:
-        outputs = []
-        for batch in micro_batches:
-            outputs.append(self.forward(batch))
-            self.scaler.scale(outputs[-1].loss / len(micro_batches)).backward()
-        loss = sum(out.loss.item() for out in outputs) / len(outputs)
+        outputs, weighted_loss = [], 0.0
+        for index, batch in enumerate(micro_batches):
+            with gradient_sync(self.model, enabled=index == len(micro_batches) - 1):
+                outputs.append(self.forward(batch))
+                share = self.share_of_micro_batch(outputs[-1].weight)
+                self.scaler.scale(outputs[-1].loss * share / len(micro_batches)).backward()
+            weighted_loss += outputs[-1].loss.item() * share
+        loss, tokens = self.summed_over_ranks(weighted_loss / len(outputs), sum(out.n_tokens for out in outputs))
+        loss /= self.data_parallel_size
         if not math.isfinite(loss):
             last = latest_checkpoint(self.config.output_dir) or "none (none saved yet)"
             raise TrainingStopped(f"the loss became {loss} at step {self.state.global_step + 1}; training "
@@ -134,13 +146,33 @@ class _Run:
         self.optimizer.zero_grad(set_to_none=True)
         state, config = self.state, self.config
         state.global_step += 1
-        state.tokens_seen += sum(out.n_tokens for out in outputs)
+        state.tokens_seen += int(tokens)
         self.result.train_losses.append(loss)
-        self.log.add_step(loss, outputs)
+        self.log.add_step(loss, outputs, int(tokens))
         if state.global_step % config.logging_steps == 0 or state.global_step == config.max_steps:
             self.log.write_window(state, self.scheduler.get_last_lr()[0], epoch, self.topology.device)
         if config.eval_strategy == "steps" and state.global_step % config.eval_steps == 0:
             self.evaluate()
+
+    @property
+    def data_parallel_size(self) -> int:
+        return dist.get_world_size() if dist.is_initialized() else 1
+
+    def summed_over_ranks(self, *values: float) -> list[float]:
+        """Each value summed over the data-parallel ranks (as it is, in one process)."""
+        if self.data_parallel_size == 1:
+            return list(values)
+        summed = torch.tensor(values, dtype=torch.float64, device=self.topology.device)
+        dist.all_reduce(summed)
+        return summed.tolist()
+
+    def share_of_micro_batch(self, weight: float) -> float:
+        """What this rank's micro-batch mean weighs, so that the ranks' gradients, averaged by DDP or FSDP, are
+        the gradient of the mean over the whole micro-batch: ranks x this rank's weight / all ranks' weight."""
+        if self.data_parallel_size == 1:
+            return 1.0
+        (total,) = self.summed_over_ranks(weight)
+        return self.data_parallel_size * weight / total if total > 0 else 1.0
 
     def evaluate(self) -> None:
         """Validation loss (and metrics); with load_best_model_at_end a new best is saved at once."""

@@ -1,6 +1,12 @@
-"""`train(args)`: a whole run from TrainArguments: model, stage recipe, finetuning method, `fit`, final save."""
+"""`train(args)`: a whole run from TrainArguments: model, stage recipe, finetuning method, `fit`, final save.
+
+Under torchrun (WORLD_SIZE > 1) the run first joins the process group and lays the ranks out as the
+--parallel layout says; the data parallelism is applied after the finetuning method (so that LoRA's adapters
+are what is replicated or sharded) and before the optimizer is built (so that it holds the shards).
+"""
 from __future__ import annotations
 
+import logging
 import random
 import shutil
 from dataclasses import dataclass
@@ -10,6 +16,9 @@ from typing import Optional
 import torch
 
 from danlu.checkpoints.load import load_pretrained
+from danlu.distributed.data_parallel import apply_data_parallel
+from danlu.distributed.full_state import whole_parameters
+from danlu.distributed.mesh import distributed
 from danlu.training.arguments import ArgumentError, TrainArguments
 from danlu.training.checkpoint import latest_checkpoint
 from danlu.training.finetuning import apply_finetuning, save_final
@@ -40,8 +49,26 @@ class TrainResult(FitResult):
 
 def train(args: TrainArguments) -> TrainResult:
     topology = Topology.from_environment()
+    if not topology.is_main:
+        logger.setLevel(logging.WARNING)  # the main rank reports the run; the others only their problems
+    layout = args.parallel_layout(topology.world_size)
+    if layout.tp > 1 or layout.pp > 1:
+        raise ArgumentError(f"parallel {layout}: tensor and pipeline parallel are not implemented yet; use dp "
+                            f"and fsdp")
+    # every rank checks output_dir before any writes to it (joining the process group waits for them all)
+    resume_from = resume_point(args, Path(args.output_dir), remove_old_outputs=topology.is_main)
+    if topology.world_size == 1:
+        return train_in(args, topology, resume_from)
+    with distributed(layout, topology.device, args.ddp_backend, args.ddp_timeout) as mesh:
+        logger.info("parallel layout %s over %d processes", layout, topology.world_size)
+        return train_in(args, topology, resume_from, lambda model: apply_data_parallel(
+            model, mesh, layout, bool(args.ddp_find_unused_parameters)))
+
+
+def train_in(args: TrainArguments, topology: Topology, resume_from: Optional[Path],
+             parallelize=None) -> TrainResult:
+    """The run in this process; `parallelize(model)` (when given) applies the parallel layout."""
     output_dir = Path(args.output_dir)
-    resume_from = resume_point(args, output_dir)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     lm = load_pretrained(args.model_name_or_path, dtype="float32", device=topology.device,
@@ -56,6 +83,8 @@ def train(args: TrainArguments) -> TrainResult:
     trainable, total = count_trainable(model)
     logger.info("trainable params: %d || all params: %d || trainable%%: %.4f", trainable, total,
                 100 * trainable / total)
+    if parallelize is not None:
+        parallelize(model)
     optimizer = build_optimizer(model, args.optim, args.learning_rate, args.weight_decay,
                                 (args.adam_beta1, args.adam_beta2), args.adam_epsilon, args.sgd_momentum)
     # PPO counts its steps as LLaMA-Factory does: one per rollout of ppo_buffer_size groups of prompts
@@ -71,8 +100,9 @@ def train(args: TrainArguments) -> TrainResult:
     result = fit(model, stage, optimizer, scheduler, config, topology)
     for name in stage.dropped_modules:
         delattr(model, name)
-    if topology.is_main:
-        save_final(model, lm, args, output_dir)
+    with whole_parameters(model):
+        if topology.is_main:
+            save_final(model, lm, args, output_dir)
     log.finish(args.plot_loss)
     return TrainResult(result.state, result.train_losses, result.eval_losses, output_dir, trainable, total)
 
@@ -90,8 +120,9 @@ def fit_config(args: TrainArguments, max_steps: int, resume_from, log, topology:
         autocast_dtype=autocast_dtype(args, topology.device), resume_from=resume_from, log=log)
 
 
-def resume_point(args: TrainArguments, output_dir: Path) -> Optional[Path]:
-    """The checkpoint to continue from; refuses to train over an earlier run unless asked to."""
+def resume_point(args: TrainArguments, output_dir: Path, remove_old_outputs: bool = True) -> Optional[Path]:
+    """The checkpoint to continue from; refuses to train over an earlier run unless asked to (overwrite_output_dir:
+    then the earlier run's outputs are removed, by one rank only)."""
     if args.resume_from_checkpoint:
         if args.resume_from_checkpoint.lower() in ("true", "latest"):
             found = latest_checkpoint(output_dir)
@@ -106,7 +137,7 @@ def resume_point(args: TrainArguments, output_dir: Path) -> Optional[Path]:
     if output_dir.exists() and any(output_dir.iterdir()) and not args.overwrite_output_dir:
         raise ArgumentError(f"output_dir {output_dir} already holds a run; pass --overwrite_output_dir True to "
                             f"replace it or --resume_from_checkpoint to continue it")
-    if output_dir.exists() and args.overwrite_output_dir:
+    if output_dir.exists() and args.overwrite_output_dir and remove_old_outputs:
         for pattern in ("checkpoint-*", *RUN_OUTPUTS):
             for old in output_dir.glob(pattern):
                 shutil.rmtree(old) if old.is_dir() else old.unlink()
