@@ -11,7 +11,7 @@ from danlu.tuning.lora import load_adapter
 
 pytestmark = pytest.mark.real
 
-QUESTIONS = ["What is the capital of France?", "Name three colours.", "What is 2 + 2?", "Say hello in Chinese.",
+QUESTIONS = ["What is the capital of France?", "Name three colours.", "What is 2 + 2?", "Say hello in French.",
              "What is the largest planet?", "Give me a synonym of happy.", "Who wrote Hamlet?",
              "What is water made of?", "Name a fruit that is yellow.", "What day comes after Monday?",
              "How many legs does a spider have?", "What is the opposite of hot?", "Name a programming language.",
@@ -51,6 +51,8 @@ def test_completions_and_models(client):
 
 
 def test_sixteen_concurrent_clients_equal_their_answers_alone(client, real_lm):
+    # Questions whose greedy answers have no near-ties: batched float32 matmuls are not bit-for-bit those of one
+    # row, and "Say hello in Chinese." (answered with broken bytes) flipped between two tokens in one CI run.
     alone = [danlu.chat(real_lm, q, temperature=0, max_new_tokens=24) for q in QUESTIONS]
 
     def ask(question):
