@@ -133,6 +133,17 @@ def load_pretrained(name: str | os.PathLike | None = None, dtype: str | torch.dt
     return _load_hf(source, dtype, device, show_progress)
 
 
+def load_config(name: str | os.PathLike | None = None, hub: str | None = None) -> ModelConfig:
+    """The ModelConfig `load_pretrained(name)` would build, read without the weights (a preset's values, a
+    directory's config.json, a GGUF file's header), to check a run against it before any work."""
+    source = resolve_source(name, hub)
+    if isinstance(source, str):
+        return get_preset(source)
+    if source.is_file():
+        return gguf_format.gguf_config(gguf_format.open_gguf(source), str(source))
+    return hf_format.read_hf_config(source)
+
+
 def gguf_cache_root() -> Optional[Path]:
     """Converted GGUF files are kept here unless DANLU_GGUF_CACHE=0."""
     if os.environ.get("DANLU_GGUF_CACHE", "1").lower() in ("0", "false", "no"):

@@ -42,8 +42,13 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool =
 
 def apply_data_parallel(model: nn.Module, mesh: DeviceMesh, layout: ParallelLayout,
                         find_unused_parameters: bool = False) -> nn.Module:
-    """The layout's data parallelism: FSDP2 when fsdp > 1 (HSDP when dp > 1 too), else DDP when dp > 1."""
-    if layout.fsdp > 1:
+    """The layout's data parallelism: FSDP2 when fsdp > 1 (HSDP when dp > 1 too), else DDP when dp > 1.
+
+    A tensor-parallel model (its parameters DTensors over mesh["tp"]) is replicated over dp by FSDP2's HSDP
+    with fsdp = 1 (sharded over one rank, replicated over dp): composable replicate() does not take DTensor
+    parameters (it leaves the model with none), as torchtitan's apply_ddp refuses a mesh of more than one
+    dimension."""
+    if layout.fsdp > 1 or (layout.dp > 1 and layout.tp > 1):
         return apply_fsdp(model, mesh["dp", "fsdp"] if layout.dp > 1 else mesh["fsdp"],
                           layout.reshard_after_forward)
     if layout.dp > 1:

@@ -1,4 +1,5 @@
-"""Whole tensors from FSDP2 shards and back, for the files a run writes and resumes from.
+"""Whole tensors from FSDP2 and tensor-parallel shards (DTensors) and back, for the files a run writes and
+resumes from.
 
 While parameters, gradients and optimizer state are sharded DTensors, checkpoints and the Hugging Face export
 still hold whole tensors, in the same layout one process writes: the main rank gathers them (on the CPU),

@@ -54,3 +54,10 @@ def distributed(layout: ParallelLayout, device: torch.device, backend: Optional[
         yield build_mesh(layout, device)
     finally:
         dist.destroy_process_group()
+
+
+def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The ranks that read different data, as a 1-D mesh: the dp x fsdp sub-mesh this rank sits in, flattened
+    (its local rank is this rank's data-parallel rank; the ranks of one tensor-parallel group share it). A
+    collective: every rank calls it, once per mesh."""
+    return mesh["dp", "fsdp"]._flatten()

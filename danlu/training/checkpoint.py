@@ -4,9 +4,9 @@ A checkpoint directory appears only when complete (written beside, then renamed)
 disk or Ctrl-C never leaves a half-written checkpoint to resume from. Only tensors and plain values are
 stored, and everything is read with weights_only=True.
 
-Under sharded data parallel (FSDP2) the files are the same as one process writes: the trainable weights
-and the optimizer state are gathered whole to the main rank (danlu.distributed.full_state), and a resume
-loads them whole on every rank and shards them again; so a run resumes at its layout. Resuming in another
+Under sharded data parallel (FSDP2) and tensor parallel the files are the same as one process writes: the
+trainable weights and the optimizer state are gathered whole to the main rank (danlu.distributed.full_state),
+and a resume loads them whole on every rank and shards them again; so a run resumes at its layout. Resuming in another
 layout from torch.distributed.checkpoint's sharded files is a later part of issue 13.
 """
 from __future__ import annotations

@@ -156,14 +156,15 @@ class _Run:
 
     @property
     def data_parallel_size(self) -> int:
-        return dist.get_world_size() if dist.is_initialized() else 1
+        """The ranks reading different data (dp x fsdp; a tensor-parallel group is one of them)."""
+        return self.topology.data_parallel_size if dist.is_initialized() else 1
 
     def summed_over_ranks(self, *values: float) -> list[float]:
         """Each value summed over the data-parallel ranks (as it is, in one process)."""
         if self.data_parallel_size == 1:
             return list(values)
         summed = torch.tensor(values, dtype=torch.float64, device=self.topology.device)
-        dist.all_reduce(summed)
+        dist.all_reduce(summed, group=self.topology.data_parallel_group)
         return summed.tolist()
 
     def share_of_micro_batch(self, weight: float) -> float:

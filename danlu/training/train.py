@@ -1,24 +1,27 @@
 """`train(args)`: a whole run from TrainArguments: model, stage recipe, finetuning method, `fit`, final save.
 
 Under torchrun (WORLD_SIZE > 1) the run first joins the process group and lays the ranks out as the
---parallel layout says; the data parallelism is applied after the finetuning method (so that LoRA's adapters
-are what is replicated or sharded) and before the optimizer is built (so that it holds the shards).
+--parallel layout says; the parallelism (tensor parallel, then data parallel) is applied after the finetuning
+method (so that LoRA's adapters are what is split, replicated or sharded) and before the optimizer is built (so
+that it holds the shards). The ranks of one tensor-parallel group read the same examples: the data is sharded,
+and the loss summed, over the dp x fsdp ranks only.
 """
 from __future__ import annotations
 
 import logging
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from danlu.checkpoints.load import load_pretrained
-from danlu.distributed.data_parallel import apply_data_parallel
+from danlu.checkpoints.load import load_config, load_pretrained
 from danlu.distributed.full_state import whole_parameters
-from danlu.distributed.mesh import distributed
+from danlu.distributed.layout import ParallelLayout
+from danlu.distributed.mesh import data_parallel_mesh, distributed
+from danlu.distributed.parallelize import check_layout, parallelize
 from danlu.training.arguments import ArgumentError, TrainArguments
 from danlu.training.checkpoint import latest_checkpoint
 from danlu.training.finetuning import apply_finetuning, save_final
@@ -52,22 +55,39 @@ def train(args: TrainArguments) -> TrainResult:
     if not topology.is_main:
         logger.setLevel(logging.WARNING)  # the main rank reports the run; the others only their problems
     layout = args.parallel_layout(topology.world_size)
-    if layout.tp > 1 or layout.pp > 1:
-        raise ArgumentError(f"parallel {layout}: tensor and pipeline parallel are not implemented yet; use dp "
-                            f"and fsdp")
+    if layout.pp > 1:
+        raise ArgumentError(f"parallel {layout}: pipeline parallel is not implemented yet; use dp, fsdp and tp")
+    if layout.tp > 1:
+        check_model_layout(args, layout)
     # every rank checks output_dir before any writes to it (joining the process group waits for them all)
     resume_from = resume_point(args, Path(args.output_dir), remove_old_outputs=topology.is_main)
     if topology.world_size == 1:
         return train_in(args, topology, resume_from)
     with distributed(layout, topology.device, args.ddp_backend, args.ddp_timeout) as mesh:
         logger.info("parallel layout %s over %d processes", layout, topology.world_size)
-        return train_in(args, topology, resume_from, lambda model: apply_data_parallel(
+        data = data_parallel_mesh(mesh)
+        topology = replace(topology, data_parallel_rank=data.get_local_rank(), data_parallel_size=data.size(),
+                           data_parallel_group=data.get_group())
+        return train_in(args, topology, resume_from, lambda model: parallelize(
             model, mesh, layout, bool(args.ddp_find_unused_parameters)))
 
 
+def check_model_layout(args: TrainArguments, layout: ParallelLayout) -> None:
+    """Refuse, before any work, a layout the model's sizes do not allow (tp not dividing its heads, ...): its
+    config is read without the weights."""
+    if args.quantization_bit is not None:
+        raise ArgumentError(f"parallel {layout}: tensor parallel does not shard quantized base weights yet "
+                            f"(quantization_bit={args.quantization_bit}); use LoRA without quantization, or dp")
+    config = load_config(args.model_name_or_path)
+    try:
+        check_layout(config, layout)
+    except ValueError as e:
+        raise ArgumentError(f"parallel {layout}: {args.model_name_or_path or 'the bundled model'}: {e}") from e
+
+
 def train_in(args: TrainArguments, topology: Topology, resume_from: Optional[Path],
-             parallelize=None) -> TrainResult:
-    """The run in this process; `parallelize(model)` (when given) applies the parallel layout."""
+             apply_layout=None) -> TrainResult:
+    """The run in this process; `apply_layout(model)` (when given) applies the parallel layout."""
     output_dir = Path(args.output_dir)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -83,8 +103,8 @@ def train_in(args: TrainArguments, topology: Topology, resume_from: Optional[Pat
     trainable, total = count_trainable(model)
     logger.info("trainable params: %d || all params: %d || trainable%%: %.4f", trainable, total,
                 100 * trainable / total)
-    if parallelize is not None:
-        parallelize(model)
+    if apply_layout is not None:
+        apply_layout(model)
     optimizer = build_optimizer(model, args.optim, args.learning_rate, args.weight_decay,
                                 (args.adam_beta1, args.adam_beta2), args.adam_epsilon, args.sgd_momentum)
     # PPO counts its steps as LLaMA-Factory does: one per rollout of ppo_buffer_size groups of prompts

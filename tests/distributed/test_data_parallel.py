@@ -70,13 +70,13 @@ def assert_same_curve(parallel: list[float], single: list[float], steps: int = 1
     return worst
 
 
-def assert_same_weights(parallel: Path, single: Path, file_name: str) -> None:
+def assert_same_weights(parallel: Path, single: Path, file_name: str, tolerance: dict = WEIGHT_TOL) -> None:
     ours, reference = load_file(str(parallel / file_name)), load_file(str(single / file_name))
     assert ours.keys() == reference.keys()
     worst = max((ours[k] - reference[k]).abs().max().item() for k in reference)
     print(f"max absolute weight difference in {file_name}: {worst:.2e}")
     for name in reference:
-        torch.testing.assert_close(ours[name], reference[name], **WEIGHT_TOL, msg=name)
+        torch.testing.assert_close(ours[name], reference[name], **tolerance, msg=name)
 
 
 _single_runs: dict = {}
@@ -245,4 +245,7 @@ def test_the_readme_two_process_lora_run_on_smollm2_equals_one_process(real_gguf
                                  "--output_dir", str(tmp_path / "single"), "--dataset_dir", str(REPO / "data"),
                                  *common]))
     assert_same_curve(logged_losses(tmp_path / "dp2"), logged_losses(tmp_path / "single"), steps=4)
-    assert_same_weights(tmp_path / "dp2", tmp_path / "single", "adapter_model.safetensors")
+    # AdamW at lr 1e-3 carries the float32 rounding of the summation order on: the adapters were measured
+    # 8.6e-6 and 1.6e-5 apart in two runs, while the curves agree to 4e-7.
+    assert_same_weights(tmp_path / "dp2", tmp_path / "single", "adapter_model.safetensors",
+                        dict(atol=5e-5, rtol=1e-3))
