@@ -46,7 +46,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from machine import ForeignLoad, machine_info, print_aligned, print_foreign_load, save_results  # noqa: E402
@@ -59,7 +58,7 @@ from danlu.distillation.layer_map import evenly_spaced_layers  # noqa: E402
 from danlu.distillation.students import student_from_teacher  # noqa: E402
 from danlu.evaluation.classification import read_labelled  # noqa: E402
 from danlu.evaluation.embeddings import distillation_sentences  # noqa: E402
-from danlu.models.pooling import mean_pooled, sentence_embeddings  # noqa: E402
+from danlu.models.pooling import sentence_embeddings, sentence_vectors  # noqa: E402
 from danlu.models.transformer import count_parameters  # noqa: E402
 from danlu.training.arguments import TrainArguments  # noqa: E402
 from danlu.training.train import train  # noqa: E402
@@ -257,8 +256,7 @@ def hf_student(hf_teacher, layers: list[int]):
 
 def embedding_adaptor(batch, outputs) -> dict:
     """TextBrewer's view of a BertModel's output: its 'logits' are the sentence embeddings."""
-    pooled = mean_pooled(outputs.last_hidden_state.float(), batch["attention_mask"])
-    return {"logits": F.normalize(pooled, p=2, dim=-1)}
+    return {"logits": sentence_vectors(outputs.last_hidden_state, batch["attention_mask"])}
 
 
 class EpochPlanBatches:

@@ -173,30 +173,17 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype) -> dict:
         return _bert_config_to_hf(config, dtype)
     rope_parameters = {"rope_theta": config.rope_theta, "rope_type": "default", **(config.rope_scaling or {})}
     hf = {
-        "architectures": [HF_CLASS_BY_ARCHITECTURE[arch]],
-        "model_type": arch,
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.hidden_size,
-        "intermediate_size": config.intermediate_size,
-        "num_hidden_layers": config.num_hidden_layers,
-        "num_attention_heads": config.num_attention_heads,
+        **_shared_hf_fields(config, dtype),
         "num_key_value_heads": config.num_key_value_heads,
         "head_dim": config.head_dim,
         "hidden_act": "silu",
-        "max_position_embeddings": config.max_position_embeddings,
         "rms_norm_eps": config.norm_eps,
         "rope_theta": config.rope_theta,
         "rope_scaling": config.rope_scaling,
         "rope_parameters": rope_parameters,
         "tie_word_embeddings": config.tie_word_embeddings,
-        "bos_token_id": config.bos_token_id,
-        "eos_token_id": config.eos_token_id,
-        "pad_token_id": config.pad_token_id,
-        "torch_dtype": str(dtype).removeprefix("torch."),
-        "dtype": str(dtype).removeprefix("torch."),
         "use_cache": True,
         "attention_dropout": 0.0,
-        "initializer_range": config.initializer_range,
     }
     if arch == "llama":
         hf.update(attention_bias=config.qkv_bias, mlp_bias=config.mlp_bias, pretraining_tp=1)
@@ -213,27 +200,35 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype) -> dict:
 
 def _bert_config_to_hf(config: ModelConfig, dtype: torch.dtype) -> dict:
     return {
-        "architectures": [HF_CLASS_BY_ARCHITECTURE["bert"]],
-        "model_type": "bert",
+        **_shared_hf_fields(config, dtype),
+        "hidden_act": "gelu" if config.mlp == "gelu_exact" else "gelu_pytorch_tanh",
+        # danlu runs without dropout; these are BERT's, for whoever fine-tunes the checkpoint next.
+        "hidden_dropout_prob": 0.1,
+        "attention_probs_dropout_prob": 0.1,
+        "position_embedding_type": "absolute",
+        "type_vocab_size": config.type_vocab_size,
+        "layer_norm_eps": config.norm_eps,
+    }
+
+
+def _shared_hf_fields(config: ModelConfig, dtype: torch.dtype) -> dict:
+    """The config.json fields every family writes alike."""
+    dtype_name = str(dtype).removeprefix("torch.")
+    return {
+        "architectures": [HF_CLASS_BY_ARCHITECTURE[config.architecture]],
+        "model_type": config.architecture,
         "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,
         "intermediate_size": config.intermediate_size,
         "num_hidden_layers": config.num_hidden_layers,
         "num_attention_heads": config.num_attention_heads,
-        "hidden_act": "gelu" if config.mlp == "gelu_exact" else "gelu_pytorch_tanh",
-        # danlu runs without dropout; these are BERT's, for whoever fine-tunes the checkpoint next.
-        "hidden_dropout_prob": 0.1,
-        "attention_probs_dropout_prob": 0.1,
         "max_position_embeddings": config.max_position_embeddings,
-        "position_embedding_type": "absolute",
-        "type_vocab_size": config.type_vocab_size,
-        "layer_norm_eps": config.norm_eps,
         "initializer_range": config.initializer_range,
         "bos_token_id": config.bos_token_id,
         "eos_token_id": config.eos_token_id,
         "pad_token_id": config.pad_token_id,
-        "torch_dtype": str(dtype).removeprefix("torch."),
-        "dtype": str(dtype).removeprefix("torch."),
+        "torch_dtype": dtype_name,
+        "dtype": dtype_name,
     }
 
 

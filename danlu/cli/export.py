@@ -92,8 +92,9 @@ def add_parser(sub, name):
     return parser
 
 
-def prepare_tokenizer(tokenizer, template_name: Optional[str]) -> None:
-    """Leave the tokenizer as LLaMA-Factory's export does (its get_template_and_fix_tokenizer, padding left)."""
+def prepare_tokenizer(tokenizer, template_name: Optional[str], causal: bool = True) -> None:
+    """Leave the tokenizer as LLaMA-Factory's export does (its get_template_and_fix_tokenizer, padding left for
+    a decoder; an encoder's learned positions count from the first token, so it keeps padding right)."""
     if template_name is not None:
         from danlu.tokenization.templates import get_template
 
@@ -112,7 +113,8 @@ def prepare_tokenizer(tokenizer, template_name: Optional[str]) -> None:
             tokenizer.chat_template = template.jinja
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "left"  # saved from init_kwargs
+    if causal:
+        tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "left"  # saved from init_kwargs
 
 
 def export_merged(args: ExportArguments):
@@ -125,7 +127,7 @@ def export_merged(args: ExportArguments):
 
     lm = load_pretrained(args.model_name_or_path, dtype="float32", device="cpu", show_progress=True)
     if lm.tokenizer is not None:
-        prepare_tokenizer(lm.tokenizer, args.template)
+        prepare_tokenizer(lm.tokenizer, args.template, lm.config.causal)
     for adapter, scale in zip(args.adapters, args.scales):
         load_adapter(lm.model, adapter, scale)
         merge_lora(lm.model)

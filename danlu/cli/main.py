@@ -52,17 +52,25 @@ def parse_command_line(argv: list[str]) -> argparse.Namespace:
     return apply_config(args, lambda defaults: build_parser({args.command: defaults}).parse_args(argv))
 
 
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def reported_errors() -> tuple[type, ...]:
+    """The errors a command reports as one line (bad input, a stopped run); imported only when one is raised,
+    so that no command pays for the modules that define them."""
     from danlu.checkpoints.errors import CheckpointError
     from danlu.generation.generate import ContextOverflow
     from danlu.training.loop import TrainingStopped
 
+    return CheckpointError, ContextOverflow, TrainingStopped, ValueError, KeyError, FileNotFoundError
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), "")
     try:
         args = parse_command_line(argv)
         return args.run(args) or 0
-    except (CheckpointError, ContextOverflow, TrainingStopped, ValueError, KeyError, FileNotFoundError) as e:
+    except Exception as e:
+        if not isinstance(e, reported_errors()):
+            raise
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"danlu {command}: error: {message}", file=sys.stderr)
         return 2

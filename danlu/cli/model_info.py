@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from danlu.models.config import ModelConfig
-from danlu.models.presets import get_preset
 from danlu.models.transformer import build_meta_model, count_parameters
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "int4": 0.5}
@@ -16,18 +14,6 @@ def add_parser(sub, name):
     parser.add_argument("model", nargs="?", default=None, help="preset, .gguf file or Hugging Face directory")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.set_defaults(run=run)
-
-
-def read_config(name) -> ModelConfig:
-    from danlu.checkpoints import gguf, hf
-    from danlu.checkpoints.load import resolve_source
-
-    source = resolve_source(name)
-    if isinstance(source, str):
-        return get_preset(source)
-    if Path(source).is_file():
-        return gguf.gguf_config(gguf.open_gguf(source), str(source))
-    return hf.read_hf_config(source)
 
 
 def describe(config: ModelConfig) -> dict:
@@ -61,7 +47,9 @@ def positions_row(c: dict) -> tuple[str, str]:
 
 
 def run(args) -> int:
-    info = describe(read_config(args.model))
+    from danlu.checkpoints.load import load_config
+
+    info = describe(load_config(args.model))
     if args.json:
         print(json.dumps(info, indent=2))
         return 0

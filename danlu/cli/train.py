@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 
 def add_parser(sub, name):
@@ -14,6 +13,7 @@ def add_parser(sub, name):
 
 def run(args) -> int:
     from danlu.training.arguments import parse_train_arguments
+    from danlu.training.topology import Topology
     from danlu.training.train import train
 
     if not args.argv or args.argv[0] in ("-h", "--help"):
@@ -26,7 +26,7 @@ def run(args) -> int:
             print(f"  --{f.name} (default: {default})")
         return 0
     result = train(parse_train_arguments(args.argv))
-    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun the main rank speaks for the run
+    if not Topology.from_environment().is_main:  # under torchrun the main rank speaks for the run
         return 0
     final = result.train_losses[-1] if result.train_losses else float("nan")
     print(f"trained {result.state.global_step} steps; last loss {final:.4f}"

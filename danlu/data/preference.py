@@ -65,6 +65,12 @@ def last_answer_start(labels: list[int]) -> int:
     return start
 
 
+def prompt_of(example: Tokenized) -> Tokenized:
+    """The conversation up to its last answer (with the assistant's header): what the policy completes."""
+    start = last_answer_start(example.labels)
+    return Tokenized(example.input_ids[:start], [])
+
+
 def tokenize_sides(tokenizer, examples: list[Example], template: TemplateChoice, cutoff_len: int,
                    report: PreferenceReport) -> Optional[list[Tokenized]]:
     """Every side of one pair or kto item, or None (counted as dropped) when a side has no answer left."""

@@ -32,7 +32,7 @@ from torch import nn
 from danlu.checkpoints.errors import CheckpointError
 from danlu.evaluation.classification import accuracy, macro_f1
 from danlu.evaluation.embeddings import embedding_agreement
-from danlu.models.pooling import MAX_SEQ_LENGTH, mean_pooled, sentence_embeddings
+from danlu.models.pooling import MAX_SEQ_LENGTH, sentence_embeddings
 
 TASKS = ("embedding", "classification")
 CLASSIFIER = "sentence_classifier"  # where a student's head rides on it while it trains (a trained module)
@@ -41,14 +41,8 @@ CLASSIFIER_CONFIG = "classifier.json"
 CLASSIFIER_INPUT = "the encoder's last hidden states mean-pooled over the real tokens, L2-normalised"
 
 
-def sentence_vectors(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """[batch, seq, hidden] -> [batch, hidden] float32: mean-pooled over the real tokens, L2-normalised (what
-    danlu.models.pooling.sentence_embeddings returns, with gradients)."""
-    return F.normalize(mean_pooled(hidden.float(), attention_mask), p=2, dim=-1)
-
-
 class SentenceClassifier(nn.Linear):
-    """Logits over `labels` from a sentence embedding (`sentence_vectors`): one linear layer."""
+    """Logits over `labels` from a sentence embedding (danlu.models.pooling.sentence_vectors): one linear layer."""
 
     def __init__(self, hidden_size: int, labels: Sequence[str]):
         if len(labels) < 2 or len(set(labels)) != len(labels):

@@ -20,9 +20,6 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-_GATHER_TO_MAIN = StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-
 def is_sharded(model: nn.Module) -> bool:
     """Whether any parameter of `model` is a DTensor (FSDP2 or tensor parallel), i.e. no rank holds it whole."""
     return any(isinstance(p, DTensor) for p in model.parameters())
@@ -65,12 +62,11 @@ def shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
 
 
 @contextmanager
-def whole_parameters(model: nn.Module) -> Iterator[bool]:
+def whole_parameters(model: nn.Module) -> Iterator[None]:
     """Inside, on rank 0, every sharded parameter of `model` is replaced by its whole tensor (on the CPU), so
-    that code written for one process (the HF and PEFT writers) reads the whole model; yields whether this
-    rank holds them. The shards are put back on the way out. Training must not run inside."""
+    that code written for one process (the HF and PEFT writers) reads the whole model. The shards are put back on the way out. Training must not run inside."""
     if not is_sharded(model):
-        yield True
+        yield
         return
     full = full_model_state(model)
     swapped, whole = [], {}  # whole: by id of the shard, so that tied weights stay one tensor
@@ -84,7 +80,7 @@ def whole_parameters(model: nn.Module) -> Iterator[bool]:
                     module._parameters[name] = whole[id(param)]
                     swapped.append((module, name, param))
     try:
-        yield dist.get_rank() == 0
+        yield
     finally:
         for module, name, param in swapped:
             module._parameters[name] = param

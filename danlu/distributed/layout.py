@@ -50,11 +50,6 @@ class ParallelLayout:
     def world_size(self) -> int:
         return math.prod(getattr(self, name) for name in DIMENSIONS)
 
-    @property
-    def data_parallel_size(self) -> int:
-        """The replicas that read different data: dp x fsdp (the global batch is this many device batches)."""
-        return self.dp * self.fsdp
-
     def __str__(self) -> str:
         return ",".join(f"{name}={getattr(self, name)}" for name in DIMENSIONS)
 

@@ -23,6 +23,12 @@ def mean_pooled(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Ten
     return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
 
 
+def sentence_vectors(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[batch, seq, hidden] -> [batch, hidden] float32: mean-pooled over the real tokens, L2-normalised (what
+    sentence_embeddings returns, here with gradients)."""
+    return F.normalize(mean_pooled(hidden.float(), attention_mask), p=2, dim=-1)
+
+
 @torch.no_grad()
 def sentence_embeddings(model, tokenizer, sentences: Sequence[str], batch_size: int = 32,
                         normalize: bool = True, max_length: int = MAX_SEQ_LENGTH) -> torch.Tensor:
@@ -37,12 +43,13 @@ def sentence_embeddings(model, tokenizer, sentences: Sequence[str], batch_size: 
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(sentences), batch_size):
+        # right padding whatever the tokenizer was saved with: the learned positions count from the first token
         batch = tokenizer(list(sentences[start:start + batch_size]), padding=True, truncation=True,
-                          max_length=max_length, return_tensors="pt").to(device)
+                          max_length=max_length, padding_side="right", return_tensors="pt").to(device)
         hidden = model(batch["input_ids"], attention_mask=batch["attention_mask"],
                        token_type_ids=batch.get("token_type_ids"))
-        pooled = mean_pooled(hidden.float(), batch["attention_mask"])
-        out.append(F.normalize(pooled, p=2, dim=1) if normalize else pooled)
+        out.append(sentence_vectors(hidden, batch["attention_mask"]) if normalize
+                   else mean_pooled(hidden.float(), batch["attention_mask"]))
     if not out:
         return torch.empty(0, model.config.hidden_size)
     return torch.cat(out)

@@ -333,24 +333,24 @@ class TrainArguments:
             raise ArgumentError(f"dynabert_importance_batches must be positive, got {self.dynabert_importance_batches}")
         if self.stage != "kd":
             return
-        if self.kd_method == "dynabert":
-            if self.finetuning_type != "full" or self.student_layers:
-                raise ArgumentError("kd_method dynabert trains the whole model at every width and depth: use "
-                                    "finetuning_type full and no student_layers (dynabert_depths sets the depths)")
-            return
         if self.kd_lmbda and (self.kd_stage != "sft" or self.packing or self.kd_method == "dynabert"):
             raise ArgumentError(f"kd_lmbda {self.kd_lmbda}: on-policy answers replace the answers of chat "
                                 f"prompts, so they need kd_stage sft without packing and a method other than "
                                 f"dynabert (got kd_stage {self.kd_stage}, packing {self.packing}, kd_method "
                                 f"{self.kd_method})")
+        if self.teacher_adapters and not self.teacher_model:
+            raise ArgumentError("teacher_adapters needs teacher_model (the base the adapters belong to)")
+        if self.kd_method == "dynabert":
+            if self.finetuning_type != "full" or self.student_layers:
+                raise ArgumentError("kd_method dynabert trains the whole model at every width and depth: use "
+                                    "finetuning_type full and no student_layers (dynabert_depths sets the depths)")
+            return
         if not self.teacher_model and not self.student_layers:
             raise ArgumentError("stage kd needs a teacher: teacher_model PATH, or student_layers N to cut a student "
                                 "from model_name_or_path and learn from it")
         if self.student_layers and self.finetuning_type != "full":
             raise ArgumentError("student_layers makes a new, smaller model: train it with finetuning_type full "
                                 "(an adapter would have no base model to load onto)")
-        if self.teacher_adapters and not self.teacher_model:
-            raise ArgumentError("teacher_adapters needs teacher_model (the base the adapters belong to)")
 
     def generation_config(self):
         """The generating arguments as danlu.generation's GenerationConfig (greedy when do_sample is false)."""

@@ -63,7 +63,7 @@ def load_trainable(model: torch.nn.Module, directory: Path) -> None:
     from safetensors.torch import load_file
 
     saved = load_file(str(Path(directory) / TRAINABLE_NAME))
-    trainable = trainable_state(model)
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]  # names only: nothing gathered
     missing = [name for name in trainable if name not in saved]
     if missing:
         raise ValueError(f"{directory}: the checkpoint does not hold {missing[:3]}: it was saved by a different "

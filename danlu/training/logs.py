@@ -5,7 +5,6 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Optional
 
 from danlu.utils.progress import logger, progress
 
@@ -46,11 +45,11 @@ class TrainingLog:
         self.loss, self.steps, self.tokens, self.started = 0.0, 0, 0, time.perf_counter()
         self.metrics: dict[str, list[float]] = {}  # key -> [sum, count]: a metric a batch lacks is not a zero
 
-    def add_step(self, loss: float, outputs: list, tokens: Optional[int] = None) -> None:
-        """One optimizer step (the StepOutputs of its micro-batches) into the logging window; `tokens`, the
-        step's input tokens over all data-parallel ranks, is by default the outputs' own."""
+    def add_step(self, loss: float, outputs: list, tokens: int) -> None:
+        """One optimizer step (the StepOutputs of its micro-batches) into the logging window; `tokens`: the
+        step's input tokens over all data-parallel ranks."""
         self.loss, self.steps = self.loss + loss, self.steps + 1
-        self.tokens += sum(out.n_tokens for out in outputs) if tokens is None else tokens
+        self.tokens += tokens
         for out in outputs:
             for key, value in out.metrics.items():
                 total = self.metrics.setdefault(key, [0.0, 0])

@@ -371,6 +371,8 @@ def test_what_an_encoder_run_refuses(bert_dirs, tmp_path):
         train(kd_args(teacher, tmp_path / "c", student_layers=2, kd_temperature=2.0))
     with pytest.raises(ArgumentError, match="dynabert trains on kd_stage's language-modelling data"):
         train(kd_args(teacher, tmp_path / "d", kd_method="dynabert"))
+    with pytest.raises(ArgumentError, match="kd_lmbda 0.5: on-policy answers are a decoder's"):
+        train(kd_args(teacher, tmp_path / "h", student_layers=2, kd_lmbda=0.5))
     with pytest.raises(ArgumentError, match="cosine loss compares hidden states of one width"):
         train(kd_args(narrow, tmp_path / "e", teacher_model=str(teacher), kd_method="distilbert"))
     tokenizer = byte_tokenizer()

@@ -108,6 +108,8 @@ def test_on_policy_training_logs_its_share_and_saves_a_student(model_dir, tmp_pa
     (dict(kd_lmbda=1.5), "kd_lmbda .* must be in \\[0, 1\\], got 1.5"),
     (dict(kd_lmbda=0.5, kd_stage="pt"), "kd_lmbda 0.5: on-policy answers .* kd_stage pt"),
     (dict(kd_lmbda=0.5, packing=True), "need kd_stage sft without packing .* packing True"),
+    (dict(kd_lmbda=0.5, kd_method="dynabert", teacher_model=None), "a method other than dynabert .* dynabert"),
+    (dict(kd_method="dynabert", teacher_model=None, teacher_adapters="a"), "teacher_adapters needs teacher_model"),
 ])
 def test_on_policy_settings_that_cannot_work_are_refused(model_dir, tmp_path, overrides, message):
     with pytest.raises(ArgumentError, match=message):

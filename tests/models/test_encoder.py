@@ -249,6 +249,24 @@ def test_sentence_embeddings_are_the_normalised_mean_of_transformers_output(pair
     assert max_diff(F.normalize(raw, dim=1), embeddings) <= 1e-6
 
 
+def test_sentence_embeddings_pad_right_whatever_side_the_tokenizer_was_saved_with(pair):
+    _, lm = pair
+    right = sentence_embeddings(lm.model, lm.tokenizer, SENTENCES)
+    lm.tokenizer.padding_side = "left"  # as a decoder's export leaves it
+    try:
+        left = sentence_embeddings(lm.model, lm.tokenizer, SENTENCES)
+    finally:
+        lm.tokenizer.padding_side = "right"
+    assert max_diff(left, right) <= 1e-6
+
+
+def test_sentence_embeddings_refuse_a_batch_size_below_one_and_embed_nothing_as_empty(pair):
+    _, lm = pair
+    with pytest.raises(ValueError, match="batch_size must be at least 1, got 0"):
+        sentence_embeddings(lm.model, lm.tokenizer, SENTENCES, batch_size=0)
+    assert sentence_embeddings(lm.model, lm.tokenizer, []).shape == (0, 64)
+
+
 def test_sentence_embeddings_cut_long_texts_at_max_length(pair):
     _, lm = pair
     long = " ".join(["cat"] * 400)
@@ -302,3 +320,17 @@ def test_real_all_minilm_l6_v2_matches_transformers():
     assert max_diff(embeddings, reference) <= 1e-5
     similarity = embeddings @ embeddings.T
     assert similarity[0, 1] > 0.5 > similarity[0, 2]  # the two sentences about eating are the close pair
+
+
+def test_an_exported_encoder_keeps_right_padding(pair, tmp_path):
+    import json
+
+    from danlu.cli.export import ExportArguments, export_merged
+
+    hf, lm = pair
+    source = tmp_path / "bert"
+    hf.save_pretrained(source)
+    lm.tokenizer.save_pretrained(source)
+    export_merged(ExportArguments(model_name_or_path=str(source), export_dir=str(tmp_path / "out")))
+    saved = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
+    assert saved.get("padding_side", "right") == "right"

@@ -43,7 +43,8 @@ def build_dynabert_stage(lm, teacher: nn.Module, objective: Objective, args, dat
     depth_phase = depths != (1.0,)
     if not depth_phase:
         rewire_by_importance(lm.model, data, args)
-    sizes = [(width, depth) for depth in depths for width in widths]
+    # width-major: run 2's teacher runs at the width, so each width's teacher output serves all its depths
+    sizes = [(width, depth) for width in widths for depth in depths]
     logger.info("dynabert: %d sub-networks (width, depth) per step: %s", len(sizes), sizes)
     step = partial(dynabert_step, teacher=teacher, objective=objective, teacher_at_width=depth_phase,
                    cached=TeacherCache(), networks={})
@@ -76,7 +77,7 @@ def collate_sized(collate, rows: list) -> dict:
 
 
 class TeacherCache:
-    """The teacher's last output: every width of run 1 learns from the same one."""
+    """The teacher's last output: every width of run 1, and every depth at one width of run 2, learns from it."""
 
     def __init__(self):
         self.key, self.outputs, self.input_ids = None, None, None

@@ -45,12 +45,12 @@ from torch import nn
 from danlu.data.dataset import read_examples, shuffle_and_split
 from danlu.data.files import DataError, ReadReport, Record
 from danlu.data.formats import ALPACA_COLUMNS, DatasetSpec
-from danlu.distillation.encoder_tasks import (CLASSIFIER, SentenceClassifier, sentence_vectors, train_linear_probe)
+from danlu.distillation.encoder_tasks import CLASSIFIER, SentenceClassifier, train_linear_probe
 from danlu.distillation.objective import (PROJECTIONS, Objective, Outputs, build_projections, distillation_loss,
                                           encoder_pairs, run_model)
 from danlu.evaluation.classification import accuracy
 from danlu.evaluation.embeddings import split_sentences
-from danlu.models.pooling import mean_pooled, sentence_embeddings
+from danlu.models.pooling import mean_pooled, sentence_embeddings, sentence_vectors
 from danlu.training.arguments import ArgumentError
 from danlu.training.stage import Stage, StepOutput
 from danlu.utils.progress import logger
@@ -110,6 +110,9 @@ def check_encoder_run(lm, teacher: nn.Module, args) -> None:
     if args.kd_method == "dynabert":
         raise ArgumentError("kd_method dynabert trains on kd_stage's language-modelling data; with an encoder "
                             "teacher use kd, pkd_skip, pkd_last, distilbert or tinybert")
+    if args.kd_lmbda:
+        raise ArgumentError(f"kd_lmbda {args.kd_lmbda}: on-policy answers are a decoder's; an encoder teacher "
+                            f"distils kd_task {args.kd_task} on the dataset's sentences")
     if args.kd_task == "embedding" and (args.kd_temperature is not None or args.kd_divergence != "ce"):
         raise ArgumentError("kd_task embedding compares sentence embeddings by MSE: kd_temperature and "
                             "kd_divergence apply to class logits (kd_task classification)")

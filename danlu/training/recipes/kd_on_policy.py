@@ -16,7 +16,7 @@ from typing import Iterator
 
 import torch
 
-from danlu.data.preference import last_answer_start
+from danlu.data.preference import prompt_of
 from danlu.data.supervised import IGNORE_INDEX, Tokenized
 from danlu.generation.generate import generate
 from danlu.generation.sampling import GenerationConfig
@@ -43,7 +43,7 @@ class OnPolicyAnswers:
 
     @torch.no_grad()
     def student_answers(self, model, batch: list[Tokenized]) -> list[Tokenized]:
-        prompts = [example.input_ids[:last_answer_start(example.labels)] for example in batch]
+        prompts = [prompt_of(example).input_ids for example in batch]
         was_training = model.training
         model.eval()
         try:

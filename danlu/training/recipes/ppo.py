@@ -19,7 +19,7 @@ import torch
 
 from danlu.data.collate import collate
 from danlu.data.dataset import prepare_sft_data
-from danlu.data.preference import last_answer_start
+from danlu.data.preference import prompt_of
 from danlu.data.supervised import Tokenized
 from danlu.generation.generate import generate, sampled_token_logprobs
 from danlu.generation.sampling import GenerationConfig
@@ -66,12 +66,6 @@ def build_stage(lm, args) -> Stage:
                            PPOHyperparameters(target=args.ppo_target, whiten_rewards=args.ppo_whiten_rewards),
                            args.seed)
     return ppo_stage(lm.model, lm.tokenizer, prompts, reward, reference, settings, args.ppo_buffer_size)
-
-
-def prompt_of(example: Tokenized) -> Tokenized:
-    """The conversation up to its last answer (with the assistant's header): what the policy completes."""
-    start = last_answer_start(example.labels)
-    return Tokenized(example.input_ids[:start], [])
 
 
 def ppo_stage(model, tokenizer, prompts: list[Tokenized], reward: Reward, reference: Reference,
