@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional
 
@@ -76,5 +77,17 @@ def main(argv=None) -> int:
         return 2
 
 
+def run() -> None:
+    """The `danlu` command and `python -m danlu`: main(), then exit with its code."""
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        # torch 2.13's gloo can abort a finished rank during interpreter teardown (about 1 run in 12 measured),
+        # turning a completed torchrun job into a failed one; the work and its files are done and flushed by now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
