@@ -37,6 +37,11 @@ class SlotView:
         device = cache.keys[0].device
         self._device_rows = self.rows.to(device)
         self._device_lengths = self.row_lengths.to(device)
+        # [rows, 1, length, 1]: True where a shorter row's past is padding. Those positions are masked from
+        # attention, but the memory is uninitialised (or an earlier request's): NaN there would still give
+        # 0 * NaN = NaN in the value sum, so they are zeroed in what the model sees.
+        past_padding = torch.arange(self.length)[None, :] >= self.row_lengths[:, None]
+        self._past_padding = past_padding[:, None, :, None].to(device) if bool(past_padding.any()) else None
 
     def attention_mask(self, new_tokens: int) -> torch.Tensor:
         """[rows, length + new]: 1 where a row has a key (its own past and the new tokens)."""
@@ -66,6 +71,9 @@ class SlotView:
         # slice to the used length first, so only that much is gathered
         past_k = keys[:, :, :self.length].index_select(0, self._device_rows)
         past_v = values[:, :, :self.length].index_select(0, self._device_rows)
+        if self._past_padding is not None:
+            past_k = past_k.masked_fill(self._past_padding, 0)
+            past_v = past_v.masked_fill(self._past_padding, 0)
         return torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
 
     def advance(self, steps: int) -> None:

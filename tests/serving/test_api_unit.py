@@ -78,3 +78,25 @@ def test_ignore_eos_generates_exactly_max_tokens():
         assert r["usage"]["completion_tokens"] == 6 and r["choices"][0]["finish_reason"] == "length"
     finally:
         engine.stop()
+
+
+def run_to_end(engine, prompts, max_new_tokens=6):
+    """Drive the engine's steps in this thread; the tokens each prompt got."""
+    requests = [engine.submit(Request(p, GenerationConfig(max_new_tokens=max_new_tokens, temperature=0),
+                                      emit=lambda e: None)) for p in prompts]
+    engine._admit()
+    while engine.running:
+        engine._step()
+    return [r.generated for r in requests]
+
+
+def test_rows_shorter_than_the_batch_ignore_garbage_in_unused_cache_positions():
+    # The slot cache is torch.empty: a short row's keys/values past its length (below the longest row's) may
+    # hold NaN from earlier use of that memory; 0 * NaN in attention once made a CI answer end after one token.
+    model = Transformer(get_preset("tiny-llama")).eval()
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [20, 21]]
+    alone = [run_to_end(Engine(model, CharTokenizer(), max_batch=2, eos_ids=[]), [p])[0] for p in prompts]
+    engine = Engine(model, CharTokenizer(), max_batch=2, eos_ids=[])
+    for tensor in engine.cache.keys + engine.cache.values:
+        tensor.fill_(float("nan"))
+    assert run_to_end(engine, prompts) == alone
