@@ -57,10 +57,11 @@ def reported_errors() -> tuple[type, ...]:
     """The errors a command reports as one line (bad input, a stopped run); imported only when one is raised,
     so that no command pays for the modules that define them."""
     from danlu.checkpoints.errors import CheckpointError
+    from danlu.distributed.failures import LostProcess
     from danlu.generation.generate import ContextOverflow
     from danlu.training.loop import TrainingStopped
 
-    return CheckpointError, ContextOverflow, TrainingStopped, ValueError, KeyError, FileNotFoundError
+    return CheckpointError, ContextOverflow, TrainingStopped, LostProcess, ValueError, KeyError, FileNotFoundError
 
 
 def main(argv=None) -> int:

@@ -25,7 +25,7 @@ def run(args) -> int:
             default = f.default if f.default is not dataclasses.MISSING else None
             print(f"  --{f.name} (default: {default})")
         return 0
-    result = train(parse_train_arguments(args.argv))
+    result = train_telling_a_lost_process(train, parse_train_arguments(args.argv))
     if not Topology.from_environment().is_main:  # under torchrun the main rank speaks for the run
         return 0
     final = result.train_losses[-1] if result.train_losses else float("nan")
@@ -33,3 +33,41 @@ def run(args) -> int:
           + (f"; last eval_loss {result.eval_losses[-1]:.4f}" if result.eval_losses else "")
           + f"; outputs in {result.output_dir}")
     return 0
+
+
+def train_telling_a_lost_process(train, train_args):
+    """train(train_args); under torchrun, when the job loses a process (one killed or out of memory, a machine or
+    the network gone) every rank left ends with one line saying so and naming the checkpoint to resume from."""
+    import os
+    from pathlib import Path
+
+    from danlu.training.topology import Topology
+
+    topology = Topology.from_environment()
+    if topology.world_size == 1:
+        return train(train_args)
+    from danlu.distributed.failures import LostProcess, lost_process_reason, sigterm_raises
+
+    try:
+        with sigterm_raises():
+            return train(train_args)
+    except Exception as e:
+        reason = lost_process_reason(e)
+        if reason is None:
+            raise
+        from danlu.training.checkpoint import latest_checkpoint
+
+        output_dir = Path(train_args.output_dir)
+        last = latest_checkpoint(output_dir)
+        restarts_left = (int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0))
+                         - int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)))
+        if last is None:
+            found = f"no complete checkpoint in {output_dir}"
+            if topology.rank:
+                found += " on this machine (rank 0's machine writes them)"
+            then = "; torchrun restarts the job from the start (--max-restarts)" if restarts_left > 0 else ""
+        else:
+            found = f"the last complete checkpoint is {last}"
+            then = ("; torchrun restarts the job from it (--max-restarts)" if restarts_left > 0
+                    else "; resume with --resume_from_checkpoint latest")
+        raise LostProcess(f"rank {topology.rank}: {reason}; {found}{then}") from e

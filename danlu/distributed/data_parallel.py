@@ -37,6 +37,11 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool =
     blocks = list(model.model.layers)
     for index, block in enumerate(blocks):
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward and index < len(blocks) - 1)
+    # What a stage hangs on the model and calls after its forward (a value head, distillation's projections) is a
+    # unit of its own, gathered when it is called: the root's weights are resharded once the model's forward ends.
+    for name, child in model.named_children():
+        if name not in ("model", "lm_head", "pooler"):
+            fully_shard(child, mesh=mesh, reshard_after_forward=reshard_after_forward)
     return fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
 
 
@@ -47,8 +52,10 @@ def apply_data_parallel(model: nn.Module, mesh: DeviceMesh, layout: ParallelLayo
     A tensor-parallel model (its parameters DTensors over mesh["tp"]) is replicated over dp by FSDP2's HSDP
     with fsdp = 1 (sharded over one rank, replicated over dp): composable replicate() does not take DTensor
     parameters (it leaves the model with none), as torchtitan's apply_ddp refuses a mesh of more than one
-    dimension."""
-    if layout.fsdp > 1 or (layout.dp > 1 and layout.tp > 1):
+    dimension. So is a pipeline stage: a pipeline runs several forward passes before their backward passes,
+    which DDP's reducer does not follow (its gradients came out wrong), while the pipeline schedules drive
+    FSDP2's gradient reduction themselves."""
+    if layout.fsdp > 1 or (layout.dp > 1 and (layout.tp > 1 or layout.pp > 1)):
         return apply_fsdp(model, mesh["dp", "fsdp"] if layout.dp > 1 else mesh["fsdp"],
                           layout.reshard_after_forward)
     if layout.dp > 1:

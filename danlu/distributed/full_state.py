@@ -4,10 +4,12 @@ resumes from.
 While parameters, gradients and optimizer state are sharded DTensors, checkpoints and the Hugging Face export
 still hold whole tensors, in the same layout one process writes: the main rank gathers them (on the CPU),
 the others take part in the gather and keep nothing. Loading distributes the whole tensors back as shards.
-Each function here that gathers is a collective: every rank calls it, in the same order.
+Each function here that gathers is a collective: every rank calls it, in the same order. Whole tensors are what
+let a run saved in one layout resume in another (dp=2 -> one process, tp=2 -> fsdp=2, ...: the optimizer state's
+parameter indices and shapes are those of one process in every layout).
 
 TODO (a later part of issue 13): torch.distributed.checkpoint's sharded format, so that no rank needs the
-whole state and a run saved in one layout resumes in another (dp=2 -> dp=1, tp=2 -> tp=1).
+whole state.
 """
 from __future__ import annotations
 
@@ -64,7 +66,8 @@ def shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
 @contextmanager
 def whole_parameters(model: nn.Module) -> Iterator[None]:
     """Inside, on rank 0, every sharded parameter of `model` is replaced by its whole tensor (on the CPU), so
-    that code written for one process (the HF and PEFT writers) reads the whole model. The shards are put back on the way out. Training must not run inside."""
+    that code written for one process (the HF and PEFT writers) reads the whole model. The shards are put back
+    on the way out. Training must not run inside."""
     if not is_sharded(model):
         yield
         return

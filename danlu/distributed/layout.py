@@ -27,6 +27,7 @@ from danlu.utils.progress import logger
 
 DIMENSIONS = ("dp", "fsdp", "tp", "pp")
 ZERO_STAGES = (0, 1, 2, 3)
+PIPELINE_SCHEDULES = ("1f1b", "gpipe")  # torch.distributed.pipelining's Schedule1F1B and ScheduleGPipe
 
 
 class LayoutError(ValueError):

@@ -14,9 +14,10 @@ from typing import Any, Optional
 
 import yaml
 
-from danlu.distributed.layout import (LayoutError, ParallelLayout, deepspeed_zero_stage, parse_parallel,
-                                     resolve_layout)
+from danlu.distributed.layout import (PIPELINE_SCHEDULES, LayoutError, ParallelLayout, deepspeed_zero_stage,
+                                     parse_parallel, resolve_layout)
 from danlu.distributed.mesh import BACKENDS
+from danlu.training.activation_checkpointing import MODES as ACTIVATION_CHECKPOINTING
 from danlu.utils.progress import logger
 
 STAGES = ("sft", "pt", "rm", "dpo", "kto", "ppo", "kd")
@@ -87,7 +88,10 @@ class TrainArguments:
     freeze_trainable_layers: int = 2
     freeze_trainable_modules: str = "all"
     quantization_bit: Optional[int] = None
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # LLaMA-Factory's name for activation_checkpointing full
+    # each block keeps its inputs only (full), or its linears' outputs too (selective: recomputes the attention
+    # core, Megatron's --recompute-activations); None: full with gradient_checkpointing, else none
+    activation_checkpointing: Optional[str] = None
     # data
     dataset: Optional[str] = None
     eval_dataset: Optional[str] = None
@@ -142,6 +146,11 @@ class TrainArguments:
     ddp_timeout: Optional[int] = None  # seconds a collective may wait; None: torch's default (30 minutes)
     ddp_backend: Optional[str] = None  # gloo | nccl; None: nccl on GPUs, gloo on the CPU
     ddp_find_unused_parameters: Optional[bool] = None  # DDP: let parameters that got no gradient pass
+    # pp > 1: torch.distributed.pipelining's schedule, and the layers of the first / last stage (Megatron's
+    # decoder_first/last_pipeline_num_layers; None: the layers split evenly)
+    pipeline_schedule: str = "1f1b"  # 1f1b | gpipe
+    pipeline_first_stage_layers: Optional[int] = None
+    pipeline_last_stage_layers: Optional[int] = None
     include_num_input_tokens_seen: bool = False
     save_only_model: bool = ignored(False, "checkpoints always keep the optimizer and scheduler state, "
                                            "so that any of them can be resumed")
@@ -212,6 +221,8 @@ class TrainArguments:
             self.lora_alpha = 2.0 * self.lora_rank
         if self.eval_steps is None:
             self.eval_steps = self.save_steps
+        if self.activation_checkpointing is None:
+            self.activation_checkpointing = "full" if self.gradient_checkpointing else "none"
         self.validate()
 
     def validate(self) -> None:
@@ -223,6 +234,10 @@ class TrainArguments:
         check_choice("eval_strategy", self.eval_strategy, STRATEGIES)
         check_choice("flash_attn", self.flash_attn, ("auto", "disabled", "sdpa", "fa2"))
         check_choice("report_to", self.report_to, ("none", "tensorboard", "all"))
+        check_choice("activation_checkpointing", self.activation_checkpointing, ACTIVATION_CHECKPOINTING)
+        if self.gradient_checkpointing and self.activation_checkpointing != "full":
+            raise ArgumentError(f"gradient_checkpointing True means activation_checkpointing full, but "
+                                f"activation_checkpointing is {self.activation_checkpointing}; set only one")
         for key in ("quantization_bit", "ref_model_quantization_bit", "reward_model_quantization_bit"):
             if getattr(self, key) not in (None, 4, 8):
                 raise ArgumentError(f"{key} must be 4 or 8 (or unset), got {getattr(self, key)}")
@@ -258,6 +273,7 @@ class TrainArguments:
         """The layout's keys and the deepspeed file, before any work (its product is checked against the world
         size by `parallel_layout`, once the processes are running)."""
         check_choice("ddp_backend", self.ddp_backend, (None, *BACKENDS))
+        check_choice("pipeline_schedule", self.pipeline_schedule, PIPELINE_SCHEDULES)
         if self.ddp_timeout is not None and self.ddp_timeout <= 0:
             raise ArgumentError(f"ddp_timeout must be a positive number of seconds, got {self.ddp_timeout}")
         try:

@@ -14,7 +14,7 @@ import torch
 from danlu.checkpoints.hf import save_hf_checkpoint
 from danlu.checkpoints.value_head import save_value_head, sequence_classification_head
 from danlu.distillation.encoder_tasks import CLASSIFIER, save_classifier
-from danlu.training.gradient_checkpointing import enable_gradient_checkpointing
+from danlu.training.activation_checkpointing import apply_activation_checkpointing
 from danlu.tuning.freeze import apply_freeze
 from danlu.tuning.lora import LoRAConfig, apply_lora, base_state_dict, save_adapter
 from danlu.tuning.quantized import quantize_model
@@ -32,7 +32,8 @@ def lora_config(args) -> LoRAConfig:
 
 def apply_finetuning(model, args, trained_modules: tuple[str, ...] = ()) -> None:
     """Make the method's weights trainable (and only those, with `trained_modules`, e.g. a value head, whatever
-    the method); QLoRA quantizes the frozen base first."""
+    the method); QLoRA quantizes the frozen base first. Then activation checkpointing, before the parallel
+    layout (which keeps it: danlu.training.activation_checkpointing)."""
     if args.finetuning_type == "lora":
         if args.quantization_bit is not None:
             quantized = quantize_model(model, args.quantization_bit, skip=NEVER_QUANTIZED)
@@ -44,8 +45,7 @@ def apply_finetuning(model, args, trained_modules: tuple[str, ...] = ()) -> None
         model.requires_grad_(True)
     for name in trained_modules:
         model.get_submodule(name).requires_grad_(True)
-    if args.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+    apply_activation_checkpointing(model, args.activation_checkpointing)
 
 
 def save_final(model, lm, args, output_dir: Path) -> Path:

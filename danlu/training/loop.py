@@ -60,20 +60,24 @@ class FitResult:
     eval_losses: list[float] = field(default_factory=list)
 
 
-def fit(model, stage: Stage, optimizer, scheduler, config: FitConfig, topology: Topology = Topology()) -> FitResult:
-    """Train `model` on `stage` for config.max_steps optimizer steps (continuing a checkpoint if given)."""
-    run = _Run(model, stage, optimizer, scheduler, config, topology)
+def fit(model, stage: Stage, optimizer, scheduler, config: FitConfig, topology: Topology = Topology(),
+        pipeline=None) -> FitResult:
+    """Train `model` on `stage` for config.max_steps optimizer steps (continuing a checkpoint if given).
+
+    With a `pipeline` (danlu.distributed.pipeline_parallel.Pipeline) `model` is this rank's stage, and each optimizer
+    step's micro-batches run through the pipeline's schedule instead of one after the other."""
+    run = _Run(model, stage, optimizer, scheduler, config, topology, pipeline)
     model.train()
     try:
         while run.state.global_step < config.max_steps:
             groups, batches = epoch_plan(len(stage.train), config.seed, run.state.epoch, config.batch_size,
                                          config.gradient_accumulation_steps, topology)
-            for group in groups[run.state.batch_in_epoch // config.gradient_accumulation_steps:]:
+            for group in groups[run.groups_done():]:
                 if run.state.global_step >= config.max_steps:
                     break
                 run.train_on([[stage.train[i] for i in batch] for batch in group], batches)
             else:
-                run.state.epoch, run.state.batch_in_epoch = run.state.epoch + 1, 0
+                run.state.epoch, run.state.batch_in_epoch, run.state.groups_in_epoch = run.state.epoch + 1, 0, 0
                 if config.eval_strategy == "epoch":
                     run.evaluate()
     except KeyboardInterrupt:
@@ -92,17 +96,28 @@ def fit(model, stage: Stage, optimizer, scheduler, config: FitConfig, topology: 
 class _Run:
     """The state of one fit: what an optimizer step, an evaluation and a checkpoint share."""
 
-    def __init__(self, model, stage, optimizer, scheduler, config, topology):
+    def __init__(self, model, stage, optimizer, scheduler, config, topology, pipeline=None):
         self.model, self.stage, self.optimizer, self.scheduler = model, stage, optimizer, scheduler
-        self.config, self.topology = config, topology
+        self.config, self.topology, self.pipeline = config, topology, pipeline
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         # fp16 gradients underflow without loss scaling; bf16 and float32 need none (then a no-op)
         self.scaler = torch.amp.GradScaler(topology.device.type, enabled=config.autocast_dtype == torch.float16)
         resumed = config.resume_from is not None
-        self.state = load_checkpoint(config.resume_from, model, optimizer, scheduler) if resumed else TrainerState()
+        self.state = (load_checkpoint(config.resume_from, model, optimizer, scheduler, pipeline) if resumed
+                      else TrainerState())
         self.result = FitResult(self.state)
         self.log = config.log or TrainingLog(config.output_dir, resume=resumed, enabled=topology.is_main)
         self.log.start_progress(config.max_steps, self.state.global_step)
+
+    def groups_done(self) -> int:
+        """The optimizer-step groups of the current epoch already trained on (counted in groups, not in this
+        run's micro-batches, so that a checkpoint of another layout with the same global batch resumes at the
+        same examples)."""
+        state = self.state
+        if state.groups_in_epoch is None:  # an older checkpoint: its micro-batches were of this layout
+            state.groups_in_epoch = state.batch_in_epoch // self.config.gradient_accumulation_steps
+        state.batch_in_epoch = state.groups_in_epoch * self.config.gradient_accumulation_steps
+        return state.groups_in_epoch
 
     def forward(self, batch: dict) -> StepOutput:
         batch = {k: v.to(self.topology.device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -121,10 +136,16 @@ class _Run:
                 break
             self.optimizer_step([self.stage.collate(examples) for examples in micro_batches], epoch)
         state.batch_in_epoch += len(group)
+        state.groups_in_epoch += 1
         if state.global_step // config.save_steps > saves_before:
             self.save()
 
-    def optimizer_step(self, micro_batches: list[dict], epoch: float) -> None:
+    def forward_backward(self, micro_batches: list[dict]) -> tuple[list[StepOutput], float]:
+        """The gradients of an optimizer step's micro-batches; their StepOutputs, and the step's loss on this rank's
+        data (its micro-batch means weighted by their shares, averaged)."""
+        if self.pipeline is not None:
+            return self.pipeline.forward_backward(micro_batches, self.data_parallel_size, self.summed_over_ranks,
+                                                  self.scaler.scale)
         outputs, weighted_loss = [], 0.0
         for index, batch in enumerate(micro_batches):
             with gradient_sync(self.model, enabled=index == len(micro_batches) - 1):
@@ -132,14 +153,25 @@ class _Run:
                 share = self.share_of_micro_batch(outputs[-1].weight)
                 self.scaler.scale(outputs[-1].loss * share / len(micro_batches)).backward()
             weighted_loss += outputs[-1].loss.item() * share
-        loss, tokens = self.summed_over_ranks(weighted_loss / len(outputs), sum(out.n_tokens for out in outputs))
+        return outputs, weighted_loss / len(outputs)
+
+    def clip_gradients(self) -> None:
+        """Clip by the global norm of the gradients (over every pipeline stage's)."""
+        if self.pipeline is not None:
+            self.pipeline.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        else:
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+
+    def optimizer_step(self, micro_batches: list[dict], epoch: float) -> None:
+        outputs, loss_here = self.forward_backward(micro_batches)
+        loss, tokens = self.summed_over_ranks(loss_here, sum(out.n_tokens for out in outputs))
         loss /= self.data_parallel_size
         if not math.isfinite(loss):
             last = latest_checkpoint(self.config.output_dir) or "none (none saved yet)"
             raise TrainingStopped(f"the loss became {loss} at step {self.state.global_step + 1}; training "
                                   f"stopped. The last good checkpoint is {last}")
         self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        self.clip_gradients()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
@@ -188,4 +220,4 @@ class _Run:
 
     def save(self) -> Path:
         return save_checkpoint(self.config.output_dir, self.state, self.model, self.optimizer, self.scheduler,
-                               self.config.save_total_limit, self.topology)
+                               self.config.save_total_limit, self.topology, self.pipeline)

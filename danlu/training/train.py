@@ -22,6 +22,7 @@ from danlu.distributed.full_state import whole_parameters
 from danlu.distributed.layout import ParallelLayout
 from danlu.distributed.mesh import data_parallel_mesh, distributed
 from danlu.distributed.parallelize import check_layout, parallelize
+from danlu.distributed.pipeline_parallel import PipelineSettings
 from danlu.training.arguments import ArgumentError, TrainArguments
 from danlu.training.checkpoint import latest_checkpoint
 from danlu.training.finetuning import apply_finetuning, save_final
@@ -30,6 +31,7 @@ from danlu.training.loop import FitConfig, FitResult, fit
 from danlu.training.optim import build_optimizer
 from danlu.training.order import steps_for_epochs
 from danlu.training.recipes import RECIPES
+from danlu.training.recipes.pt import pad_id
 from danlu.training.schedule import build_scheduler, warmup_steps
 from danlu.training.topology import Topology
 from danlu.tuning.lora import count_trainable
@@ -56,8 +58,8 @@ def train(args: TrainArguments) -> TrainResult:
         logger.setLevel(logging.WARNING)  # the main rank reports the run; the others only their problems
     layout = args.parallel_layout(topology.world_size)
     if layout.pp > 1:
-        raise ArgumentError(f"parallel {layout}: pipeline parallel is not implemented yet; use dp, fsdp and tp")
-    if layout.tp > 1:
+        check_pipeline_run(args, layout)
+    if layout.tp > 1 or layout.pp > 1:
         check_model_layout(args, layout)
     # every rank checks output_dir before any writes to it (joining the process group waits for them all)
     resume_from = resume_point(args, Path(args.output_dir), remove_old_outputs=topology.is_main)
@@ -68,26 +70,52 @@ def train(args: TrainArguments) -> TrainResult:
         data = data_parallel_mesh(mesh)
         topology = replace(topology, data_parallel_rank=data.get_local_rank(), data_parallel_size=data.size(),
                            data_parallel_group=data.get_group())
-        return train_in(args, topology, resume_from, lambda model: parallelize(
-            model, mesh, layout, bool(args.ddp_find_unused_parameters)))
+        return train_in(args, topology, resume_from, lambda model, pad_id: parallelize(
+            model, mesh, layout, bool(args.ddp_find_unused_parameters), pipeline_settings(args, pad_id)))
 
 
 def check_model_layout(args: TrainArguments, layout: ParallelLayout) -> None:
-    """Refuse, before any work, a layout the model's sizes do not allow (tp not dividing its heads, ...): its
-    config is read without the weights."""
+    """Refuse, before any work, a layout the model's sizes do not allow (tp not dividing its heads, more pipeline
+    stages than layers, ...): its config is read without the weights."""
     if args.quantization_bit is not None:
-        raise ArgumentError(f"parallel {layout}: tensor parallel does not shard quantized base weights yet "
-                            f"(quantization_bit={args.quantization_bit}); use LoRA without quantization, or dp")
+        raise ArgumentError(f"parallel {layout}: tensor and pipeline parallel do not take quantized base weights "
+                            f"yet (quantization_bit={args.quantization_bit}); use LoRA without quantization, or dp")
     config = load_config(args.model_name_or_path)
     try:
-        check_layout(config, layout)
+        check_layout(config, layout, pipeline_settings(args))
     except ValueError as e:
         raise ArgumentError(f"parallel {layout}: {args.model_name_or_path or 'the bundled model'}: {e}") from e
 
 
+# What runs on a pipeline: stages whose loss is the next-token cross-entropy of one forward pass
+PIPELINE_STAGES = ("pt", "sft")
+
+
+def check_pipeline_run(args: TrainArguments, layout: ParallelLayout) -> None:
+    """Refuse, before any work, what pipeline parallel does not run (yet), naming it."""
+    refused = [(args.stage not in PIPELINE_STAGES, f"stage {args.stage} (pp runs {', '.join(PIPELINE_STAGES)})"),
+               (args.packing, "packing (the stages do not pass the packed documents' boundaries on)"),
+               (args.eval_strategy != "no", f"eval_strategy {args.eval_strategy} (evaluate after training with "
+                                            f"danlu eval)")]
+    for bad, what in refused:
+        if bad:
+            raise ArgumentError(f"parallel {layout}: pipeline parallel does not run {what} yet")
+    if args.pipeline_schedule == "1f1b" and args.gradient_accumulation_steps < layout.pp:
+        raise ArgumentError(f"parallel {layout}: pipeline_schedule 1f1b needs at least as many micro-batches "
+                            f"(gradient_accumulation_steps, {args.gradient_accumulation_steps}) as stages (pp, "
+                            f"{layout.pp}); raise gradient_accumulation_steps or use --pipeline_schedule gpipe")
+
+
+def pipeline_settings(args: TrainArguments, pad_id: int = 0) -> PipelineSettings:
+    return PipelineSettings(args.pipeline_schedule, args.gradient_accumulation_steps,
+                            args.per_device_train_batch_size, args.cutoff_len, pad_id,
+                            args.pipeline_first_stage_layers, args.pipeline_last_stage_layers)
+
+
 def train_in(args: TrainArguments, topology: Topology, resume_from: Optional[Path],
              apply_layout=None) -> TrainResult:
-    """The run in this process; `apply_layout(model)` (when given) applies the parallel layout."""
+    """The run in this process; `apply_layout(model, pad_id)` (when given) applies the parallel layout, and returns
+    the Pipeline when the layout has pipeline stages."""
     output_dir = Path(args.output_dir)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -103,8 +131,7 @@ def train_in(args: TrainArguments, topology: Topology, resume_from: Optional[Pat
     trainable, total = count_trainable(model)
     logger.info("trainable params: %d || all params: %d || trainable%%: %.4f", trainable, total,
                 100 * trainable / total)
-    if apply_layout is not None:
-        apply_layout(model)
+    pipeline = apply_layout(model, pad_id(lm.tokenizer)) if apply_layout is not None else None
     optimizer = build_optimizer(model, args.optim, args.learning_rate, args.weight_decay,
                                 (args.adam_beta1, args.adam_beta2), args.adam_epsilon, args.sgd_momentum)
     # PPO counts its steps as LLaMA-Factory does: one per rollout of ppo_buffer_size groups of prompts
@@ -117,12 +144,17 @@ def train_in(args: TrainArguments, topology: Topology, resume_from: Optional[Pat
     log = TrainingLog(output_dir, args.report_to, resume_from is not None, topology.is_main,
                       args.include_num_input_tokens_seen)
     config = fit_config(args, max_steps, resume_from, log, topology, accumulation, stage.updates_per_group)
-    result = fit(model, stage, optimizer, scheduler, config, topology)
+    result = fit(model, stage, optimizer, scheduler, config, topology, pipeline)
     for name in stage.dropped_modules:
         delattr(model, name)
-    with whole_parameters(model):
+    if pipeline is not None:  # the main rank holds the first stage: it puts the whole model together
+        whole = pipeline.whole_model(lambda whole: apply_finetuning(whole, args, stage.trained_modules))
         if topology.is_main:
-            save_final(model, lm, args, output_dir)
+            save_final(whole, lm, args, output_dir)
+    else:
+        with whole_parameters(model):
+            if topology.is_main:
+                save_final(model, lm, args, output_dir)
     log.finish(args.plot_loss)
     return TrainResult(result.state, result.train_losses, result.eval_losses, output_dir, trainable, total)
 
@@ -140,28 +172,70 @@ def fit_config(args: TrainArguments, max_steps: int, resume_from, log, topology:
         autocast_dtype=autocast_dtype(args, topology.device), resume_from=resume_from, log=log)
 
 
+# Under torchrun each rank notes in output_dir/.torchrun/rank-R the torchrun it runs under (the job's id, the host,
+# torchrun's pid). A rank that finds its own note is a restart of that job by torchrun (--max-restarts): the outputs
+# there are its earlier attempt's, to resume from or replace, not an earlier run's, which it must refuse to touch as
+# the first attempt did. TORCHELASTIC_RESTART_COUNT cannot tell: torchrun restarts the workers of a node whose own
+# did not fail without counting it, so a restart can see 0 there.
+TORCHRUN_NOTES = ".torchrun"
+
+
+def torchrun_note(output_dir: Path) -> tuple[Optional[Path], str]:
+    """This rank's note in output_dir and what it says under this torchrun; (None, "") outside torchrun."""
+    import os
+    import socket
+
+    job = os.environ.get("TORCHELASTIC_RUN_ID")
+    if job is None:
+        return None, ""
+    rank = os.environ.get("RANK", "0")
+    return output_dir / TORCHRUN_NOTES / f"rank-{rank}", f"{job} {socket.gethostname()} {os.getppid()}"
+
+
 def resume_point(args: TrainArguments, output_dir: Path, remove_old_outputs: bool = True) -> Optional[Path]:
     """The checkpoint to continue from; refuses to train over an earlier run unless asked to (overwrite_output_dir:
-    then the earlier run's outputs are removed, by one rank only)."""
-    if args.resume_from_checkpoint:
+    then the earlier run's outputs are removed, by one rank only).
+
+    A restart by torchrun (--max-restarts) of the job that started in output_dir resumes from the latest complete
+    checkpoint there, whatever the first attempt was asked (overwrite_output_dir never removes the checkpoints a
+    restart continues from); with none, it starts as the first attempt did (a fresh start removes that attempt's
+    outputs). The temporary directories of the writes the failure cut short are removed."""
+    note, this_torchrun = torchrun_note(output_dir)
+    restart = note is not None and note.is_file() and note.read_text(encoding="utf-8") == this_torchrun
+    if restart and remove_old_outputs:
+        for stale in (*output_dir.glob(".checkpoint-*.tmp"), *output_dir.glob(".staged.*.tmp")):
+            shutil.rmtree(stale, ignore_errors=True)
+    found = latest_checkpoint(output_dir) if restart else None
+    if found is not None:
+        logger.info("torchrun restarted the job: resuming from %s", found)
+    elif restart:
+        logger.info("torchrun restarted the job: no complete checkpoint in %s; starting as the first attempt did",
+                    output_dir)
+    if found is None and args.resume_from_checkpoint:
         if args.resume_from_checkpoint.lower() in ("true", "latest"):
             found = latest_checkpoint(output_dir)
             if found is None:
                 raise ArgumentError(f"resume_from_checkpoint: no complete checkpoint in {output_dir}")
-            return found
-        path = Path(args.resume_from_checkpoint)
-        if not (path / "trainer_state.json").is_file():
-            raise ArgumentError(f"resume_from_checkpoint: {path} is not a complete checkpoint "
-                                f"(no trainer_state.json)")
-        return path
-    if output_dir.exists() and any(output_dir.iterdir()) and not args.overwrite_output_dir:
-        raise ArgumentError(f"output_dir {output_dir} already holds a run; pass --overwrite_output_dir True to "
-                            f"replace it or --resume_from_checkpoint to continue it")
-    if output_dir.exists() and args.overwrite_output_dir and remove_old_outputs:
-        for pattern in ("checkpoint-*", *RUN_OUTPUTS):
-            for old in output_dir.glob(pattern):
-                shutil.rmtree(old) if old.is_dir() else old.unlink()
-    return None
+        else:
+            found = Path(args.resume_from_checkpoint)
+            if not (found / "trainer_state.json").is_file():
+                raise ArgumentError(f"resume_from_checkpoint: {found} is not a complete checkpoint "
+                                    f"(no trainer_state.json)")
+    elif found is None:
+        holds_a_run = output_dir.exists() and any(p.name != TORCHRUN_NOTES for p in output_dir.iterdir())
+        if holds_a_run and not (args.overwrite_output_dir or restart):
+            raise ArgumentError(f"output_dir {output_dir} already holds a run; pass --overwrite_output_dir True to "
+                                f"replace it or --resume_from_checkpoint to continue it")
+        if holds_a_run and remove_old_outputs:
+            for pattern in ("checkpoint-*", *RUN_OUTPUTS):
+                for old in output_dir.glob(pattern):
+                    shutil.rmtree(old) if old.is_dir() else old.unlink()
+    if note is not None:
+        note.parent.mkdir(parents=True, exist_ok=True)
+        note.write_text(this_torchrun, encoding="utf-8")
+    elif remove_old_outputs and (output_dir / TORCHRUN_NOTES).is_dir():  # a run outside torchrun: no job owns it now
+        shutil.rmtree(output_dir / TORCHRUN_NOTES)
+    return found
 
 
 def autocast_dtype(args: TrainArguments, device: torch.device) -> Optional[torch.dtype]:

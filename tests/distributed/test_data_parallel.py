@@ -44,12 +44,17 @@ def settings(model_dir, out, **overrides) -> dict:
     return values
 
 
-def torchrun(values: dict, nproc: int = 2, check: bool = True) -> subprocess.CompletedProcess:
-    """`torchrun --nproc_per_node N --standalone -m danlu train --key value ...`, as a user types it."""
+def torchrun_command(values: dict, nproc: int = 2, launch: tuple = ("--standalone",)) -> list[str]:
+    """`torchrun --nproc_per_node N --standalone -m danlu train --key value ...`, as a user types it; `launch`: the
+    rendezvous and restart options in place of --standalone."""
     flags = [part for key, value in values.items() for part in (f"--{key}", str(value))]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
-               "-m", "danlu", "train", *flags]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=240,
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), *launch,
+            "-m", "danlu", "train", *flags]
+
+
+def torchrun(values: dict, nproc: int = 2, check: bool = True) -> subprocess.CompletedProcess:
+    """Run torchrun_command(values, nproc) to its end."""
+    done = subprocess.run(torchrun_command(values, nproc), cwd=REPO, capture_output=True, text=True, timeout=240,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     if check and done.returncode != 0:
         raise AssertionError(f"torchrun failed ({done.returncode}):\n{done.stderr[-4000:]}")

@@ -132,8 +132,8 @@ def test_tp_not_dividing_the_heads_is_refused_naming_the_sizes(model_dir, tmp_pa
 
 def test_tp_with_quantized_base_weights_is_refused_before_loading(model_dir, tmp_path, monkeypatch):
     as_rank_0_of(monkeypatch, 2)
-    with pytest.raises(ArgumentError, match=r"parallel dp=1,fsdp=1,tp=2,pp=1: tensor parallel does not shard "
-                                            r"quantized base weights yet \(quantization_bit=4\)"):
+    with pytest.raises(ArgumentError, match=r"parallel dp=1,fsdp=1,tp=2,pp=1: tensor and pipeline parallel do not "
+                                            r"take quantized base weights yet \(quantization_bit=4\)"):
         train(TrainArguments(**settings(model_dir, tmp_path / "run", parallel="tp=2", finetuning_type="lora",
                                         quantization_bit=4)))
 
@@ -146,8 +146,3 @@ def test_an_odd_vocabulary_stays_whole_but_the_heads_must_divide(tmp_path):
                                          "intermediate_size=128"):
         check_layout(config.replace(vocab_size=258), ParallelLayout(tp=3))
 
-
-def test_pipeline_parallel_is_still_refused(model_dir, tmp_path, monkeypatch):
-    as_rank_0_of(monkeypatch, 2)
-    with pytest.raises(ArgumentError, match="parallel dp=1,fsdp=1,tp=1,pp=2: pipeline parallel is not implemented"):
-        train(TrainArguments(**settings(model_dir, tmp_path / "run", parallel="pp=2")))
