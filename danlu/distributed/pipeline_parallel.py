@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -174,23 +174,49 @@ class Pipeline:
         self._scales = deque(data_parallel_size / (total * n) if total > 0 else 0.0 for total in totals)
         self._scales.extend([0.0] * (self.micro_batches - n))  # a short last group: empty micro-batches
         self._scale_loss, self._step_loss = scale_loss, 0.0
-        input_ids = self._padded([b["input_ids"] for b in micro_batches], self.pad_id)
-        labels = self._padded([b["labels"] for b in micro_batches], IGNORE_INDEX)
-        if self.first:
-            self.schedule.step(input_ids, target=labels if self.last else None)
-        elif self.last:
-            self.schedule.step(target=labels)
-        else:
-            self.schedule.step()
+        self._run(micro_batches, self.schedule.step)
         if self.last and self._scales:
             raise RuntimeError(f"the pipeline schedule computed {self.micro_batches - len(self._scales)} losses "
                                f"for {self.micro_batches} micro-batches")
-        loss = torch.tensor([self._step_loss], dtype=torch.float64)  # nonzero on the last stage only
-        dist.all_reduce(loss, group=self.group)  # the last stage's number, on every stage
+        loss = self._from_last_stage(self._step_loss)
         self.sum_tied_gradients()
         outputs = [StepOutput(torch.zeros(()), int(b["attention_mask"].sum()), weight=count)
                    for b, count in zip(micro_batches, counts)]
-        return outputs, float(loss)
+        return outputs, loss
+
+    @torch.no_grad()
+    def evaluate(self, data: Sequence, collate: Callable[[list], dict]) -> dict[str, float]:
+        """{"eval_loss": the token-mean cross-entropy over `data`} on every stage, forward only through the
+        pipeline, micro_batches x rows examples at a time (the shapes it was built for)."""
+        was_training = self.module.training
+        self.module.eval()
+        summed, count, chunk = 0.0, 0, self.micro_batches * self.rows
+        for start in range(0, len(data), chunk):
+            examples = [data[i] for i in range(start, min(start + chunk, len(data)))]
+            batches = [collate(examples[i:i + self.rows]) for i in range(0, len(examples), self.rows)]
+            count += sum(int((next_token_labels(b["labels"]) != IGNORE_INDEX).sum()) for b in batches)
+            self._scales, self._scale_loss, self._step_loss = deque([1.0] * self.micro_batches), lambda x: x, 0.0
+            self._run(batches, self.schedule.eval)
+            summed += self._step_loss
+        self.module.train(was_training)
+        return {"eval_loss": self._from_last_stage(summed) / max(count, 1)}
+
+    def _run(self, micro_batches: list[dict], run: Callable) -> None:
+        """`run` (the schedule's step or eval) over the micro-batches, each stage given what it takes."""
+        input_ids = self._padded([b["input_ids"] for b in micro_batches], self.pad_id)
+        labels = self._padded([b["labels"] for b in micro_batches], IGNORE_INDEX)
+        if self.first:
+            run(input_ids, target=labels if self.last else None)
+        elif self.last:
+            run(target=labels)
+        else:
+            run()
+
+    def _from_last_stage(self, value: float) -> float:
+        """A number the last stage computed (0 elsewhere), on every stage."""
+        total = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(total, group=self.group)
+        return float(total)
 
     def _padded(self, tensors: list[torch.Tensor], value: int) -> torch.Tensor:
         """The micro-batches as one [micro_batches x rows, sequence_length] tensor, padded on the right and below

@@ -152,9 +152,9 @@ def _setup(shapes: dict[str, tuple]) -> str:
     return f"LoRA {rank} on {', '.join(sorted(lora))} ({count})"
 
 
-def load_best(model: torch.nn.Module, output_dir: Path, state: TrainerState) -> None:
+def load_best(model: torch.nn.Module, output_dir: Path, state: TrainerState, pipeline=None) -> None:
     """Put the weights of the best evaluation (state.best_checkpoint) back into the model."""
-    load_trainable(model, Path(output_dir) / state.best_checkpoint)
+    load_trainable(model, Path(output_dir) / state.best_checkpoint, pipeline)
     logger.info("loaded the best model (eval loss %.4f) from %s", state.best_eval_loss, state.best_checkpoint)
 
 

@@ -6,6 +6,7 @@ import os
 import time
 from pathlib import Path
 
+from danlu.utils.atomic import atomic_write_text
 from danlu.utils.progress import logger, progress
 
 LOG_NAME = "trainer_log.jsonl"
@@ -35,8 +36,18 @@ class TrainingLog:
             self.tensorboard = SummaryWriter(str(self.output_dir / "runs"))
 
     def start_progress(self, total_steps: int, done: int) -> None:
+        """The progress bar, `done` steps in (a resume); the log keeps only the records up to that step, since the
+        run writes the later ones again (a run that crashed after its last checkpoint had written some)."""
+        if self.enabled and done and self.path.exists():
+            self._keep_records_up_to(done)
         self.bar = progress(total=total_steps, desc="Training", unit="step", disable=not self.enabled)
         self.bar.update(done)
+
+    def _keep_records_up_to(self, step: int) -> None:
+        lines = self.path.read_text(encoding="utf-8").splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        if len(kept) < len(lines):
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def close_progress(self) -> None:
         self.bar.close()

@@ -89,7 +89,7 @@ def fit(model, stage: Stage, optimizer, scheduler, config: FitConfig, topology: 
         run.evaluate()
     run.save()
     if config.load_best_model_at_end and run.state.best_checkpoint:
-        load_best(model, config.output_dir, run.state)
+        load_best(model, config.output_dir, run.state, pipeline)
     return run.result
 
 
@@ -211,7 +211,11 @@ class _Run:
         """Validation loss (and metrics); with load_best_model_at_end a new best is saved at once."""
         if not self.stage.eval:
             return
-        record = evaluate(self.model, self.forward, self.stage.eval, self.stage.collate, self.config.eval_batch_size)
+        if self.pipeline is not None:
+            record = self.pipeline.evaluate(self.stage.eval, self.stage.collate)
+        else:
+            record = evaluate(self.model, self.forward, self.stage.eval, self.stage.collate,
+                              self.config.eval_batch_size)
         self.result.eval_losses.append(record["eval_loss"])
         self.log.write({"step": self.state.global_step, **record})
         logger.info("step %d: eval_loss %.4f", self.state.global_step, record["eval_loss"])

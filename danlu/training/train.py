@@ -94,9 +94,7 @@ PIPELINE_STAGES = ("pt", "sft")
 def check_pipeline_run(args: TrainArguments, layout: ParallelLayout) -> None:
     """Refuse, before any work, what pipeline parallel does not run (yet), naming it."""
     refused = [(args.stage not in PIPELINE_STAGES, f"stage {args.stage} (pp runs {', '.join(PIPELINE_STAGES)})"),
-               (args.packing, "packing (the stages do not pass the packed documents' boundaries on)"),
-               (args.eval_strategy != "no", f"eval_strategy {args.eval_strategy} (evaluate after training with "
-                                            f"danlu eval)")]
+               (args.packing, "packing (the stages do not pass the packed documents' boundaries on)")]
     for bad, what in refused:
         if bad:
             raise ArgumentError(f"parallel {layout}: pipeline parallel does not run {what} yet")

@@ -61,9 +61,9 @@ def torchrun(values: dict, nproc: int = 2, check: bool = True) -> subprocess.Com
     return done
 
 
-def logged_losses(out: Path) -> list[float]:
+def logged_losses(out: Path, key: str = "loss") -> list[float]:
     rows = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
-    return [row["loss"] for row in rows if "loss" in row]
+    return [row[key] for row in rows if key in row]
 
 
 def assert_same_curve(parallel: list[float], single: list[float], steps: int = 10) -> float:
@@ -88,8 +88,8 @@ _single_runs: dict = {}
 
 
 def single_process(model_dir, tmp_path_factory, **overrides) -> Path:
-    """One process taking the whole global batch (run once per setting and module)."""
-    key = tuple(sorted(overrides.items()))
+    """One process taking the whole global batch (run once per model and setting)."""
+    key = (str(model_dir), *sorted(overrides.items()))
     if key not in _single_runs:
         out = tmp_path_factory.mktemp("single")
         train(TrainArguments(**settings(model_dir, out, **overrides)))
@@ -141,17 +141,25 @@ def test_a_deepspeed_zero3_config_runs_as_fsdp(model_dir, tmp_path, tmp_path_fac
 # ---------------------------------------------------------------- resume
 
 
-def test_fsdp_resume_at_the_same_layout_continues_the_same_curve(model_dir, tmp_path):
+def assert_resume_continues(model_dir, tmp_path, nproc: int = 2, **run) -> Path:
+    """10 steps straight in a layout, and from its checkpoint-5 (as a run stopped after step 5 leaves it) the
+    same layout again: the same losses from step 6 and the same weights. Returns the straight run."""
     straight = tmp_path / "straight"
-    run = dict(per_device_train_batch_size=2, parallel="fsdp=2", save_steps=5, finetuning_type="full")
-    torchrun(settings(model_dir, straight, **run))
+    torchrun(settings(model_dir, straight, save_steps=5, **run), nproc)
     split = tmp_path / "split"
     split.mkdir()
-    shutil.copytree(straight / "checkpoint-5", split / "checkpoint-5")  # as a run stopped after step 5 leaves it
-    torchrun(settings(model_dir, split, resume_from_checkpoint=str(split / "checkpoint-5"), **run))
+    shutil.copytree(straight / "checkpoint-5", split / "checkpoint-5")
+    torchrun(settings(model_dir, split, save_steps=5, resume_from_checkpoint=str(split / "checkpoint-5"), **run),
+             nproc)
     assert logged_losses(split) == pytest.approx(logged_losses(straight)[5:], rel=1e-6)
     assert_same_weights(split, straight, "model.safetensors")
     assert_same_weights(split / "checkpoint-10", straight / "checkpoint-10", "trainable.safetensors")
+    return straight
+
+
+def test_fsdp_resume_at_the_same_layout_continues_the_same_curve(model_dir, tmp_path):
+    assert_resume_continues(model_dir, tmp_path, per_device_train_batch_size=2, parallel="fsdp=2",
+                            finetuning_type="full")
 
 
 # ---------------------------------------------------------------- bad input, before any work

@@ -6,7 +6,6 @@ twice the batch. A 4-layer tiny Llama with tied embeddings (the head's copy of t
 Tolerance as tests/distributed/test_data_parallel.py: losses to a relative 1e-5, weights to 1e-5.
 """
 import json
-import shutil
 
 import pytest
 import torch
@@ -17,9 +16,9 @@ from danlu.models.transformer import Transformer
 from danlu.training.arguments import ArgumentError, TrainArguments
 from danlu.training.train import train
 from tests.conftest import byte_tokenizer, make_hf_model, save_hf_model
+from tests.distributed.test_data_parallel import (assert_resume_continues, assert_same_curve, assert_same_weights,
+                                                  logged_losses, settings, single_process, torchrun)
 from tests.distributed.test_tensor_parallel_training import as_rank_0_of
-from tests.distributed.test_data_parallel import (assert_same_curve, assert_same_weights, logged_losses, settings,
-                                                  torchrun)
 
 ACCUMULATION = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2)
 
@@ -30,18 +29,6 @@ def model_dir(tmp_path_factory):
     model = make_hf_model("llama", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                           num_hidden_layers=4, tie_word_embeddings=True)
     return save_hf_model(model, tmp_path_factory.mktemp("model"), tokenizer)
-
-
-_single_runs: dict = {}
-
-
-def single_process(model_dir, tmp_path_factory, **overrides):
-    key = tuple(sorted(overrides.items()))
-    if key not in _single_runs:
-        out = tmp_path_factory.mktemp("single")
-        train(TrainArguments(**settings(model_dir, out, **overrides)))
-        _single_runs[key] = out
-    return _single_runs[key]
 
 
 # ---------------------------------------------------------------- parity with one process
@@ -56,6 +43,17 @@ def test_two_stages_equal_one_process(model_dir, tmp_path, tmp_path_factory, sch
     assert_same_weights(out, single, "model.safetensors")
     assert json.loads((out / "config.json").read_text()) == json.loads((single / "config.json").read_text())
     assert_same_weights(out / "checkpoint-10", single / "checkpoint-10", "trainable.safetensors")
+
+
+def test_evaluation_through_the_pipeline_equals_one_process(model_dir, tmp_path, tmp_path_factory):
+    evaluation = dict(val_size=0.2, eval_strategy="steps", eval_steps=5, load_best_model_at_end=True,
+                      **ACCUMULATION)
+    single = single_process(model_dir, tmp_path_factory, **evaluation)
+    out = tmp_path / "run"
+    torchrun(settings(model_dir, out, parallel="pp=2", **evaluation))
+    ours, reference = logged_losses(out, "eval_loss"), logged_losses(single, "eval_loss")
+    assert len(ours) == 2 and ours == pytest.approx(reference, rel=1e-5)
+    assert_same_weights(out, single, "model.safetensors")  # the best checkpoint's, loaded back at the end
 
 
 def test_three_uneven_stages_with_lora_equal_one_process(model_dir, tmp_path, tmp_path_factory):
@@ -89,15 +87,7 @@ def test_tensor_and_pipeline_parallel_on_4_processes_equal_one_process(model_dir
 
 
 def test_pp2_resume_at_the_same_layout_continues_the_same_curve(model_dir, tmp_path):
-    run = dict(parallel="pp=2", save_steps=5, **ACCUMULATION)
-    straight = tmp_path / "straight"
-    torchrun(settings(model_dir, straight, **run))
-    split = tmp_path / "split"
-    split.mkdir()
-    shutil.copytree(straight / "checkpoint-5", split / "checkpoint-5")
-    torchrun(settings(model_dir, split, resume_from_checkpoint=str(split / "checkpoint-5"), **run))
-    assert logged_losses(split) == pytest.approx(logged_losses(straight)[5:], rel=1e-6)
-    assert_same_weights(split, straight, "model.safetensors")
+    assert_resume_continues(model_dir, tmp_path, parallel="pp=2", **ACCUMULATION)
 
 
 # ---------------------------------------------------------------- the stages

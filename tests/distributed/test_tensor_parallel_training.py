@@ -12,7 +12,6 @@ Tolerance: test_data_parallel's (losses relative 1e-5 over 10 steps, weights WEI
 3.7e-7 (LoRA adapter, AdamW), 1.9e-6 (dp=2,tp=2 and fsdp=2,tp=2, AdamW); a resume 0.
 """
 import json
-import shutil
 
 import pytest
 from safetensors.torch import load_file
@@ -23,8 +22,8 @@ from danlu.models.presets import get_preset
 from danlu.training.arguments import ArgumentError, TrainArguments
 from danlu.training.train import train
 from tests.conftest import byte_tokenizer, make_hf_model, save_hf_model
-from tests.distributed.test_data_parallel import (assert_same_curve, assert_same_weights, logged_losses, settings,
-                                                  torchrun)
+from tests.distributed.test_data_parallel import (assert_resume_continues, assert_same_curve, assert_same_weights,
+                                                  logged_losses, settings, torchrun)
 
 
 def tiny_model(directory, vocab_size=None):
@@ -98,17 +97,9 @@ def test_data_and_tensor_parallel_on_4_processes_equal_one_process_with_twice_th
 
 def test_tp2_resume_at_the_same_layout_continues_the_same_curve(model_dir, tmp_path):
     """Checkpoints hold whole tensors (gathered from the tp shards to rank 0), as one process writes them."""
-    straight = tmp_path / "straight"
-    run = dict(parallel="tp=2", save_steps=5)
-    torchrun(settings(model_dir, straight, **run))
+    straight = assert_resume_continues(model_dir, tmp_path, parallel="tp=2")
     saved = load_file(str(straight / "checkpoint-5" / "trainable.safetensors"))
     assert saved["model.layers.0.self_attn.q_proj.weight"].shape == (64, 64)  # whole, not a half
-    split = tmp_path / "split"
-    split.mkdir()
-    shutil.copytree(straight / "checkpoint-5", split / "checkpoint-5")
-    torchrun(settings(model_dir, split, resume_from_checkpoint=str(split / "checkpoint-5"), **run))
-    assert logged_losses(split) == pytest.approx(logged_losses(straight)[5:], rel=1e-6)
-    assert_same_weights(split, straight, "model.safetensors")
 
 
 # ---------------------------------------------------------------- bad input, before any work

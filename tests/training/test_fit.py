@@ -1,5 +1,6 @@
 """`fit` knows no loss: a stage written here in a few lines trains through it, with checkpoints and resume."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -71,6 +72,15 @@ def test_ctrl_c_then_resume_continues_the_same_curve(tmp_path, monkeypatch):
     assert resumed.eval_losses == pytest.approx(straight.eval_losses[1:], abs=1e-6)
     for (name, a), b in zip(model.state_dict().items(), resumed_model.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
+
+
+def test_a_resume_from_an_earlier_checkpoint_rewrites_the_later_log_records(tmp_path):
+    # a run that went on past its last checkpoint (and crashed) had logged steps the resume trains again
+    straight, _ = run_toy(tmp_path / "straight")
+    shutil.copytree(tmp_path / "straight", tmp_path / "crashed")
+    run_toy(tmp_path / "crashed", resume_from=tmp_path / "crashed" / "checkpoint-4")
+    assert logged(tmp_path / "crashed", "step") == logged(tmp_path / "straight", "step")  # each step once
+    assert logged(tmp_path / "crashed", "loss") == pytest.approx(straight.train_losses, abs=1e-6)
 
 
 def fit_briefly(out, stage, max_steps, topology=Topology(), **config):
