@@ -66,8 +66,8 @@ from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
 
-from bench_training import ALL_LINEAR, ALPHA, RANK, current_rss_bytes, model_directory, peak_rss_bytes, wait_for_idle
-from machine import ForeignLoad, machine_info, print_aligned, print_foreign_load, save_results
+from bench_training import ALL_LINEAR, ALPHA, RANK, current_rss_bytes, model_directory, peak_rss_bytes
+from machine import ForeignLoad, machine_info, print_aligned, print_foreign_load, save_results, wait_for_idle
 
 LR = 1e-5
 BETA = 0.1

@@ -40,7 +40,7 @@ import sys
 import time
 from pathlib import Path
 
-from machine import ForeignLoad, machine_info, print_aligned, print_foreign_load, save_results
+from machine import ForeignLoad, machine_info, print_aligned, print_foreign_load, save_results, wait_for_idle
 
 HERE = Path(__file__).resolve().parent
 BATCH, SEQ = 4, 256
@@ -212,17 +212,6 @@ def model_directory(explicit: str | None) -> Path:
         subprocess.run([sys.executable, "-c", f"import danlu; danlu.load({str(gguf)!r}, dtype='float32')"],
                        check=True)
     return directory
-
-
-def wait_for_idle(threshold: float, max_wait: float, window: float = 5.0) -> float:
-    """Sleep until other processes use less than `threshold` of the CPU over `window` seconds (or give up)."""
-    deadline = time.perf_counter() + max_wait
-    while True:
-        with ForeignLoad() as load:
-            time.sleep(window)
-        if load.share < threshold or time.perf_counter() > deadline:
-            return load.share
-        print(f"   (waiting: other processes are using {load.share:.0%} of the CPU)", flush=True)
 
 
 def run_measured(engine: str, mode: str, model_dir: Path, warmup: int, steps: int, profile: bool,

@@ -88,3 +88,14 @@ def print_aligned(header: tuple, lines: list[tuple]) -> None:
     print("-+-".join("-" * w for w in widths))
     for line in lines:
         print(fmt.format(*line))
+
+
+def wait_for_idle(threshold: float, max_wait: float, window: float = 5.0) -> float:
+    """Sleep until other processes use less than `threshold` of the CPU over `window` seconds (or give up)."""
+    deadline = time.perf_counter() + max_wait
+    while True:
+        with ForeignLoad() as load:
+            time.sleep(window)
+        if load.share < threshold or time.perf_counter() > deadline:
+            return load.share
+        print(f"   (waiting: other processes are using {load.share:.0%} of the CPU)", flush=True)

@@ -75,6 +75,7 @@ def method_objective(method: str, weights: dict[str, Optional[float]], student_l
     """The Objective of a method; `weights` holds the user's values for the method's keys (None: the default)."""
     if method not in METHOD_WEIGHTS:
         raise ValueError(f"kd_method must be one of {', '.join(METHODS)}; got {method!r}")
+    check_layer_map(method, layer_map)
     w = {key: default if weights.get(key) is None else weights[key] for key, default in METHOD_WEIGHTS[method].items()}
     common = dict(temperature=DEFAULT_TEMPERATURE[method] if temperature is None else temperature,
                   divergence=divergence, jsd_beta=jsd_beta)
@@ -93,6 +94,19 @@ def method_objective(method: str, weights: dict[str, Optional[float]], student_l
     return Objective(soft=w["kd_prediction_weight"], hidden=w["kd_hidden_weight"],
                      attention=w["kd_attention_weight"], embedding=w["kd_embedding_weight"],
                      layer_map=layer_map or uniform_map(student_layers, teacher_layers), **common)
+
+
+def check_layer_map(method: str, layer_map: Optional[LayerMap]) -> None:
+    """ValueError for a layer map the method would not use as given: kd and distilbert pair no layers, DynaBERT
+    pairs each sub-network's kept layers itself, Patient-KD pairs hidden layers (not the embeddings, 0)."""
+    if not layer_map:
+        return
+    if method in ("kd", "distilbert", "dynabert"):
+        why = "pairs each sub-network's kept layers itself" if method == "dynabert" else "has no layer terms"
+        raise ValueError(f"layer_map applies to kd_method pkd_skip, pkd_last or tinybert; {method} {why}")
+    if method in ("pkd_skip", "pkd_last") and any(0 in pair for pair in layer_map):
+        raise ValueError(f"layer_map: Patient-KD pairs hidden layers (1 and up); 0, the embeddings, is not one: "
+                         f"{','.join(f'{s}:{t}' for s, t in layer_map)}")
 
 
 def build_projections(objective: Objective, student_width: int, teacher_width: int) -> Optional[nn.ModuleDict]:

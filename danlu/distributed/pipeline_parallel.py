@@ -272,12 +272,14 @@ class Pipeline:
         states = self.gathered_on_first(self.stage_state())
         if dist.get_rank() != 0:
             return None
-        whole = Transformer(self.config)
-        prepare(whole)
+        with torch.device("meta"):  # no weights of its own: it takes the gathered tensors as they are
+            whole = Transformer(self.config)
+            prepare(whole)
         merged = {name: tensor for state in states for name, tensor in state.items()}
         if self.tied:  # the head's copy of the embedding is the embedding
             merged["lm_head.weight"] = merged["model.embed_tokens.weight"]
-        whole.load_state_dict(merged, strict=True)
+        whole.load_state_dict(merged, strict=True, assign=True)
+        whole.tie_weights()
         return whole
 
     # ------------------------------------------------------------ checkpoints (collectives)

@@ -64,6 +64,18 @@ def test_a_layer_map_is_read_and_checked():
         evenly_spaced_layers(5, 4)
 
 
+@pytest.mark.parametrize("method, layer_map, message", [
+    ("kd", ((1, 2),), "layer_map applies to kd_method pkd_skip, pkd_last or tinybert; kd has no layer terms"),
+    ("distilbert", ((1, 2),), "distilbert has no layer terms"),
+    ("dynabert", ((1, 2),), "dynabert pairs each sub-network's kept layers itself"),
+    ("pkd_skip", ((0, 0), (1, 2)), "Patient-KD pairs hidden layers \\(1 and up\\); 0, the embeddings, is not one: 0:0,1:2"),
+])
+def test_a_layer_map_the_method_would_not_use_is_refused(method, layer_map, message):
+    with pytest.raises(ValueError, match=message):
+        method_objective(method, {}, 2, 4, layer_map=layer_map)
+    assert method_objective("tinybert", {}, 2, 4, layer_map=((0, 0), (1, 2))).layer_map == ((0, 0), (1, 2))
+
+
 # ------------------------------------------------------------------ students
 
 def test_a_student_of_all_layers_is_the_teacher():
