@@ -66,7 +66,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine import ForeignLoad, machine_info, print_aligned, print_foreign_load, save_results, wait_for_idle
+from machine import ForeignLoad, least_disturbed, machine_info, print_aligned, print_foreign_load, save_results
 
 REPO = Path(__file__).resolve().parent.parent
 LAYOUTS = {  # name -> (processes, --parallel, divides the per-device batch by)
@@ -292,21 +292,8 @@ def run_layout(layout: str, finetuning: str, args, data_dir: str, dataset: str, 
 def run_measured(layout: str, finetuning: str, args, data_dir: str, dataset: str, work: Path) -> dict:
     """One job, rerun (up to --retries times, after waiting for an idle machine) when other processes used more
     than --busy-threshold of the CPU meanwhile; the least disturbed run is kept. A failed job is not rerun."""
-    best = None
-    for attempt in range(args.retries + 1):
-        if attempt:
-            wait_for_idle(args.busy_threshold, args.max_wait)
-        r = run_layout(layout, finetuning, args, data_dir, dataset, work)
-        r["attempt"] = attempt + 1
-        if "error" in r:
-            return r
-        if best is None or r["foreign_cpu"] < best["foreign_cpu"]:
-            best = r
-        if r["foreign_cpu"] <= args.busy_threshold:
-            break
-        print(f"   (disturbed: other processes used {r['foreign_cpu']:.0%} of the CPU; "
-              f"{'rerunning' if attempt < args.retries else 'keeping the least disturbed run'})", flush=True)
-    return best
+    return least_disturbed(lambda: run_layout(layout, finetuning, args, data_dir, dataset, work), args.retries,
+                           args.busy_threshold, args.max_wait)
 
 
 # ---------------------------------------------------------------- report

@@ -67,7 +67,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from bench_training import ALL_LINEAR, ALPHA, RANK, current_rss_bytes, model_directory, peak_rss_bytes
-from machine import ForeignLoad, machine_info, print_aligned, print_foreign_load, save_results, wait_for_idle
+from machine import ForeignLoad, least_disturbed, machine_info, print_aligned, print_foreign_load, save_results
 
 LR = 1e-5
 BETA = 0.1
@@ -554,19 +554,11 @@ def run_worker(engine: str, mode: str, model_dir: Path, warmup: int, steps: int)
 
 def run_measured(engine: str, mode: str, model_dir: Path, warmup: int, steps: int, args) -> dict:
     """bench_training's policy: wait for a quiet machine, rerun a disturbed run, keep the least disturbed."""
-    best = None
-    for attempt in range(args.retries + 1):
-        wait_for_idle(args.busy_threshold, args.max_wait)
-        result = run_worker(engine, mode, model_dir, warmup, steps)
-        per_step = result.get("foreign_cpu_per_step") or [0.0]
-        result.update(attempt=attempt + 1, disturbed=max(result["foreign_cpu"], statistics.median(per_step)))
-        if best is None or result["disturbed"] < best["disturbed"]:
-            best = result
-        if result["disturbed"] <= args.busy_threshold:
-            break
-        print(f"   (disturbed: other processes used {result['disturbed']:.0%} of the CPU; "
-              f"{'rerunning' if attempt < args.retries else 'keeping the least disturbed run'})", flush=True)
-    return best
+    def disturbance(result: dict) -> float:
+        return max(result["foreign_cpu"], statistics.median(result.get("foreign_cpu_per_step") or [0.0]))
+
+    return least_disturbed(lambda: run_worker(engine, mode, model_dir, warmup, steps), args.retries,
+                           args.busy_threshold, args.max_wait, disturbance, wait_first=True)
 
 
 def pooled(runs: list[dict], threshold: float) -> dict:

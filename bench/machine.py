@@ -99,3 +99,26 @@ def wait_for_idle(threshold: float, max_wait: float, window: float = 5.0) -> flo
         if load.share < threshold or time.perf_counter() > deadline:
             return load.share
         print(f"   (waiting: other processes are using {load.share:.0%} of the CPU)", flush=True)
+
+
+def least_disturbed(run, retries: int, threshold: float, max_wait: float, disturbance=lambda r: r["foreign_cpu"],
+                    wait_first: bool = False) -> dict:
+    """`run()` again (after waiting for a quiet machine) while other processes disturbed it by more than
+    `threshold` (`disturbance(result)`, kept as result["disturbed"]), up to `retries` times; the least disturbed
+    result is kept. A result with an "error" is returned at once."""
+    best = None
+    for attempt in range(retries + 1):
+        if attempt or wait_first:
+            wait_for_idle(threshold, max_wait)
+        result = run()
+        result["attempt"] = attempt + 1
+        if "error" in result:
+            return result
+        result["disturbed"] = disturbance(result)
+        if best is None or result["disturbed"] < best["disturbed"]:
+            best = result
+        if result["disturbed"] <= threshold:
+            break
+        print(f"   (disturbed: other processes used {result['disturbed']:.0%} of the CPU; "
+              f"{'rerunning' if attempt < retries else 'keeping the least disturbed run'})", flush=True)
+    return best

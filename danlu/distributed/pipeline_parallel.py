@@ -23,7 +23,6 @@ from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
@@ -32,7 +31,7 @@ from torch.distributed.tensor import DTensor
 from danlu.data.supervised import IGNORE_INDEX
 from danlu.distributed.layout import PIPELINE_SCHEDULES
 from danlu.models.transformer import Transformer
-from danlu.training.losses import next_token_labels
+from danlu.training.losses import labelled_tokens, summed_causal_lm_loss
 from danlu.training.stage import StepOutput
 
 SCHEDULES = dict(zip(PIPELINE_SCHEDULES, (Schedule1F1B, ScheduleGPipe)))
@@ -99,15 +98,12 @@ def keep_stage(model: nn.Module, layers: range, first: bool, last: bool) -> None
 def tied_embedding_group(mesh: DeviceMesh) -> dist.ProcessGroup:
     """The process group of the first and the last stage of this rank's pipeline (a collective: every rank
     makes every such group, in the same order)."""
-    ranks = mesh.mesh  # [pp, dp, fsdp, tp] global ranks
+    pipelines = mesh.mesh.reshape(mesh.mesh.shape[0], -1).T  # [pp, dp, fsdp, tp] ranks -> one row per pipeline
     mine = None
-    for dp in range(ranks.shape[1]):
-        for fsdp in range(ranks.shape[2]):
-            for tp in range(ranks.shape[3]):
-                pair = [int(ranks[0, dp, fsdp, tp]), int(ranks[-1, dp, fsdp, tp])]
-                group = dist.new_group(pair)
-                if dist.get_rank() in pair:
-                    mine = group
+    for pipeline in pipelines.tolist():
+        group = dist.new_group([pipeline[0], pipeline[-1]])
+        if dist.get_rank() in (pipeline[0], pipeline[-1]):
+            mine = group
     return mine
 
 
@@ -157,10 +153,7 @@ class Pipeline:
         return self.module.lm_head.weight if self.last else None
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        targets = next_token_labels(labels).reshape(-1)
-        summed = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets, ignore_index=IGNORE_INDEX,
-                                 reduction="sum")
-        loss = summed * self._scales.popleft()
+        loss = summed_causal_lm_loss(logits, labels) * self._scales.popleft()
         self._step_loss += loss.item()
         return self._scale_loss(loss)
 
@@ -168,7 +161,7 @@ class Pipeline:
                          scale_loss: Callable) -> tuple[list[StepOutput], float]:
         """Run the schedule over one optimizer step's micro-batches (backward included); their StepOutputs and the
         step's loss on this rank's data (what summed over the dp ranks and divided by dp is the logged loss)."""
-        counts = [int((next_token_labels(b["labels"]) != IGNORE_INDEX).sum()) for b in micro_batches]
+        counts = [labelled_tokens(b["labels"]) for b in micro_batches]
         totals = summed_over_ranks(*counts)
         n = len(micro_batches)
         self._scales = deque(data_parallel_size / (total * n) if total > 0 else 0.0 for total in totals)
@@ -194,7 +187,7 @@ class Pipeline:
         for start in range(0, len(data), chunk):
             examples = [data[i] for i in range(start, min(start + chunk, len(data)))]
             batches = [collate(examples[i:i + self.rows]) for i in range(0, len(examples), self.rows)]
-            count += sum(int((next_token_labels(b["labels"]) != IGNORE_INDEX).sum()) for b in batches)
+            count += sum(labelled_tokens(b["labels"]) for b in batches)
             self._scales, self._scale_loss, self._step_loss = deque([1.0] * self.micro_batches), lambda x: x, 0.0
             self._run(batches, self.schedule.eval)
             summed += self._step_loss

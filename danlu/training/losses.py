@@ -20,13 +20,21 @@ def next_token_labels(labels: torch.Tensor) -> torch.Tensor:
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
+def labelled_tokens(labels: torch.Tensor) -> int:
+    """How many positions have a next token to predict: what a causal-LM batch's mean loss is over."""
+    return int((next_token_labels(labels) != IGNORE_INDEX).sum())
+
+
+def summed_causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The next-token cross-entropy summed over the labelled positions (in float32)."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), next_token_labels(labels).reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Token-mean cross-entropy of next-token prediction, and how many labels counted."""
-    targets = next_token_labels(labels).reshape(-1)
-    count = int((targets != IGNORE_INDEX).sum())
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets, ignore_index=IGNORE_INDEX,
-                           reduction="sum")
-    return loss / max(count, 1), count
+    count = labelled_tokens(labels)
+    return summed_causal_lm_loss(logits, labels) / max(count, 1), count
 
 
 def chunked_causal_lm_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
