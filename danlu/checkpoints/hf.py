@@ -491,14 +491,18 @@ def save_hf_checkpoint(state: dict[str, torch.Tensor], config: ModelConfig, out_
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2), encoding="utf-8")
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2), encoding="utf-8")
-        if config.causal:
-            gen = generation_config or {}
-            gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
-                   "pad_token_id": config.pad_token_id, **gen}
-            (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2), encoding="utf-8")
+        write_generation_config(tmp, config, generation_config)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
     return out_dir
+
+
+def write_generation_config(directory: Path, config: ModelConfig, generation_config: Optional[dict]) -> None:
+    """generation_config.json, a decoder's only: the config's special token ids under `generation_config`."""
+    if config.causal:
+        gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+               "pad_token_id": config.pad_token_id, **(generation_config or {})}
+        (directory / "generation_config.json").write_text(json.dumps(gen, indent=2), encoding="utf-8")
 
 
 def _plan_shards(state: dict[str, torch.Tensor], dtype: torch.dtype, max_shard_bytes: int) -> list[list[str]]:

@@ -10,6 +10,7 @@ import torch
 
 from danlu.checkpoints import gguf as gguf_format
 from danlu.checkpoints import hf as hf_format
+from danlu.checkpoints import megatron as megatron_format
 from danlu.checkpoints.bundled import danlu_home, ensure_bundled_encoder, ensure_bundled_model
 from danlu.checkpoints.errors import CheckpointError
 from danlu.models.config import ModelConfig
@@ -130,6 +131,8 @@ def load_pretrained(name: str | os.PathLike | None = None, dtype: str | torch.dt
         return Pretrained(model, None, config, source)
     if source.is_file():
         return _load_gguf(source, dtype, device, show_progress)
+    if megatron_format.is_megatron_checkpoint(source):
+        return _load_megatron(source, dtype, device)
     return _load_hf(source, dtype, device, show_progress)
 
 
@@ -141,6 +144,8 @@ def load_config(name: str | os.PathLike | None = None, hub: str | None = None) -
         return get_preset(source)
     if source.is_file():
         return gguf_format.gguf_config(gguf_format.open_gguf(source), str(source))
+    if megatron_format.is_megatron_checkpoint(source):
+        return megatron_format.read_megatron_config(source)
     return hf_format.read_hf_config(source)
 
 
@@ -183,11 +188,20 @@ def _load_hf(directory: Path, dtype, device, show_progress) -> Pretrained:
                                          config.architecture)
     model = model_from_state_dict(config, state, device)
     tokenizer = load_tokenizer_if_present(directory)
-    generation_defaults = {}
-    gen_path = directory / "generation_config.json"
-    if gen_path.is_file():
-        generation_defaults = read_json(gen_path, CheckpointError)
-    return Pretrained(model, tokenizer, config, str(directory), generation_defaults)
+    return Pretrained(model, tokenizer, config, str(directory), generation_defaults(directory))
+
+
+def _load_megatron(root: Path, dtype, device) -> Pretrained:
+    """A Megatron-LM checkpoint (any tensor/pipeline split), with the tokenizer and generation config that
+    lie beside its shards."""
+    config, state = megatron_format.read_megatron(root)
+    model = model_from_state_dict(config, {k: v.to(dtype) for k, v in state.items()}, device)
+    return Pretrained(model, load_tokenizer_if_present(root), config, str(root), generation_defaults(root))
+
+
+def generation_defaults(directory: Path) -> dict:
+    path = directory / "generation_config.json"
+    return read_json(path, CheckpointError) if path.is_file() else {}
 
 
 def load_tokenizer_if_present(directory: Path) -> Optional[Any]:

@@ -10,7 +10,8 @@ import json
 import pytest
 import torch
 
-from danlu.distributed.pipeline_parallel import keep_stage, stage_layers
+from danlu.distributed.pipeline_parallel import keep_stage
+from danlu.models.pipeline_stages import stage_layers
 from danlu.models.presets import get_preset
 from danlu.models.transformer import Transformer
 from danlu.training.arguments import ArgumentError, TrainArguments
