@@ -6,7 +6,7 @@ import os
 import sys
 from typing import Optional
 
-from danlu.cli import api, chat, convert, evaluate, export, fetch, generate, model_info, reward, train, webui
+from danlu.cli import api, chat, convert, evaluate, export, fetch, generate, model_info, reward, train, vocab, webui
 from danlu.utils.progress import configure_logging
 
 SUBCOMMANDS = {
@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "eval": evaluate,
     "reward": reward,
     "convert": convert,
+    "vocab": vocab,
     "model-info": model_info,
     "fetch-default-model": fetch,
 }

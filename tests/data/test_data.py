@@ -87,7 +87,8 @@ def test_shipped_datasets_and_mixing(real_tokenizer):
     assert len(data.eval) >= 1
     # alpaca_en_demo: LLaMA-Factory's demo name, registered with our own instructions so its YAMLs run as shipped
     assert set(load_dataset_info("data")) == {"identity", "danlu_instruct", "danlu_chat", "alpaca_en_demo",
-                                              "identity_preference", "identity_kto", "danlu_text", "danlu_topics"}
+                                              "identity_preference", "identity_kto", "danlu_text", "danlu_topics",
+                                              "zh_corpus"}
     assert load_dataset_info("data")["alpaca_en_demo"].file_name == "danlu_instruct.json"
 
 

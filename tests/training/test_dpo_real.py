@@ -16,7 +16,9 @@ def ask(capsys, question, *extra):
 def test_dpo_on_identity_preference_moves_the_answer_and_keeps_the_rest(capsys, tmp_path):
     before = ask(capsys, "Who are you?")
     out = tmp_path / "dpo"
-    assert main(["train", "examples/train_lora/smollm2_lora_dpo.yaml", "--output_dir", str(out)]) == 0
+    # The README's config, shortened to keep CI fast (the README runs 4 epochs).
+    assert main(["train", "examples/train_lora/smollm2_lora_dpo.yaml", "--output_dir", str(out),
+                 "--num_train_epochs", "2", "--logging_steps", "3"]) == 0
     after = ask(capsys, "Who are you?", "--adapter", str(out))
     assert "danlu" not in before.lower() and "danlu" in after.lower()
     assert "Paris" in ask(capsys, "What is the capital of France?", "--adapter", str(out))
