@@ -25,6 +25,9 @@ def add_parser(sub, name):
                         help="requests waiting beyond the batch; more get 429")
     parser.add_argument("--max-tokens", "--max_tokens", dest="max_tokens", type=int, default=512,
                         help="default max_tokens of chat completions")
+    parser.add_argument("--shutdown-timeout", "--shutdown_timeout", dest="shutdown_timeout", type=float,
+                        default=30.0, help="on SIGTERM/Ctrl-C, seconds running requests may take to finish before "
+                                           "they are aborted")
     parser.set_defaults(run=run)
     return parser
 
@@ -63,8 +66,9 @@ def run(args) -> int:
     engine, app, name = build_engine_and_app(args)
     engine.start()
     print(f"serving {name} on http://{args.host}:{args.port}/v1 (OpenAI-compatible)", flush=True)
-    try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    try:  # SIGTERM: uvicorn stops accepting, waits for open requests up to the timeout, then cancels them
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
+                    timeout_graceful_shutdown=args.shutdown_timeout)
     finally:
-        engine.stop()
+        engine.stop()  # whatever is left is aborted, each client told
     return 0

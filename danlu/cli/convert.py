@@ -11,6 +11,7 @@ from danlu.checkpoints.hf import save_hf_checkpoint
 from danlu.checkpoints.errors import CheckpointError
 from danlu.checkpoints.load import DTYPES, load_pretrained
 from danlu.checkpoints.megatron import LAYOUTS, MegatronSplit, save_megatron
+from danlu.utils.atomic import check_output_directory
 from danlu.utils.jsonfile import read_json
 
 
@@ -68,7 +69,7 @@ def source_dtype(src: Path) -> torch.dtype:
 def convert(src, out_dir, dtype: str = "auto", shard_bytes: int = 2 * 1000**3, force: bool = False,
             megatron: MegatronSplit | None = None, iteration: int | None = None) -> Path:
     """Write the model at `src` as a Hugging Face directory, or as a Megatron checkpoint split as `megatron`."""
-    out = Path(out_dir)
+    out = check_output_directory(out_dir, "OUT_DIR")
     if out.exists() and not force:
         raise ValueError(f"{out}: already exists; pass --force to replace it")
     target = source_dtype(Path(src)) if dtype == "auto" else DTYPES.get(dtype)

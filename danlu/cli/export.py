@@ -14,6 +14,7 @@ from typing import Optional
 
 from danlu.cli.common import ModelKeys, describe_keys, parse_keys
 from danlu.training.arguments import ArgumentError, check_choice, ignored, refused
+from danlu.utils.atomic import check_output_directory
 from danlu.utils.progress import logger
 
 QUANTIZATION_ONLY = "it is read only with export_quantization_bit, which danlu does not support"
@@ -150,7 +151,9 @@ def run(args) -> int:
               "keys (LLaMA-Factory's names and meanings; flags override the file):")
         print("\n".join(describe_keys(ExportArguments)))
         return 0
-    out = export_merged(parse_keys(args.argv, ExportArguments))
+    export_args = parse_keys(args.argv, ExportArguments)
+    check_output_directory(export_args.export_dir, "export_dir")  # before the model loads
+    out = export_merged(export_args)
     logger.info("no Ollama Modelfile is written (LLaMA-Factory's export writes one beside the weights)")
     print(f"wrote {out}")
     return 0

@@ -24,11 +24,13 @@ def run(args) -> int:
     from danlu.generation.batch_file import answered_indices, append_results, read_prompts
     from danlu.generation.generate import generate
     from danlu.tokenization.chat import encode_chat, stop_words
+    from danlu.utils.atomic import check_output_file
     from danlu.utils.progress import progress
 
     if args.batch_size < 1:
         raise ValueError(f"--batch_size must be at least 1, got {args.batch_size}")
     records = read_prompts(args.input)
+    check_output_file(args.output, "--output")  # before the model loads: the answers must have somewhere to go
     done = answered_indices(args.output)
     todo = [r for r in records if r.index not in done]
     if not todo:

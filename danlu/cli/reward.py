@@ -32,10 +32,12 @@ def run(args) -> int:
     from danlu.data.files import read_records
     from danlu.tokenization.chat import resolve_template
     from danlu.training.rewards import ModelReward
-    from danlu.utils.atomic import atomic_write_text
+    from danlu.utils.atomic import atomic_write_text, check_output_file
 
     if args.batch_size < 1 or args.cutoff_len < 1:
         raise ValueError("--batch_size and --cutoff_len must be at least 1")
+    if args.output:
+        check_output_file(args.output, "--output")
     records = read_records(Path(args.input))
     if not records:
         raise ValueError(f"{args.input}: no records to score")

@@ -25,7 +25,12 @@ def run(args) -> int:
             default = f.default if f.default is not dataclasses.MISSING else None
             print(f"  --{f.name} (default: {default})")
         return 0
-    result = train_telling_a_lost_process(train, parse_train_arguments(args.argv))
+    train_args = parse_train_arguments(args.argv)
+    check_before_loading(train_args)
+    result = train_telling_a_lost_process(train, train_args)
+    if result.state.global_step == 0:
+        raise ValueError(f"no optimizer step was taken (num_train_epochs {train_args.num_train_epochs}, max_steps "
+                         f"{train_args.max_steps}): what {result.output_dir} holds is untrained")
     if not Topology.from_environment().is_main:  # under torchrun the main rank speaks for the run
         return 0
     final = result.train_losses[-1] if result.train_losses else float("nan")
@@ -33,6 +38,27 @@ def run(args) -> int:
           + (f"; last eval_loss {result.eval_losses[-1]:.4f}" if result.eval_losses else "")
           + f"; outputs in {result.output_dir}")
     return 0
+
+
+def check_before_loading(train_args) -> None:
+    """What can be known wrong before the model loads fails now, not after minutes of loading and tokenizing:
+    an output_dir that cannot be written, a dataset_info.json of the wrong shape or without the datasets named.
+    Then what an earlier run's unfinished writes left in output_dir is removed (every rank, before any joins the
+    job: none writes there before all have started)."""
+    from pathlib import Path
+
+    from danlu.data.formats import find_spec, load_dataset_info
+    from danlu.training.checkpoint import remove_stale_checkpoint_writes
+    from danlu.utils.atomic import check_output_directory
+
+    output_dir = check_output_directory(train_args.output_dir, "output_dir")
+    names = train_args.names("dataset") + train_args.names("eval_dataset")
+    if names:
+        dataset_dir = Path(train_args.dataset_dir)
+        specs = load_dataset_info(dataset_dir)
+        for name in names:
+            find_spec(specs, name, dataset_dir)
+    remove_stale_checkpoint_writes(output_dir)
 
 
 def train_telling_a_lost_process(train, train_args):

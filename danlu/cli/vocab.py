@@ -39,8 +39,10 @@ def add_parser(sub, name):
 
 
 def run(args) -> int:
+    from danlu.utils.atomic import check_output_directory
     from danlu.vocab import extend_vocabulary
 
+    check_output_directory(args.output, "--output")
     dtype = args.dtype
     if dtype == "auto":
         dtype = source_dtype(Path(args.model)) if args.model is not None else "float32"

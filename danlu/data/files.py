@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from danlu.utils.jsonfile import read_json
+
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 
 
@@ -22,6 +24,31 @@ class Record:
 @dataclass
 class ReadReport:
     skipped: list[str] = field(default_factory=list)  # "file:line: why" for each bad line skipped
+
+
+DATASET_INFO = "dataset_info.json"
+
+
+def check_dataset_info(dataset_dir: Path) -> dict:
+    """dataset_dir's dataset_info.json, once it is known to be what LLaMA-Factory's is: an object mapping each
+    dataset's name to an object (its file_name, formatting, columns, ...); else a DataError naming the file and
+    the entry. A missing or unreadable file fails the same way, naming it."""
+    path = Path(dataset_dir) / DATASET_INFO
+    info = read_json(path, DataError, "dataset_dir must hold a dataset_info.json that names the datasets")
+    if not isinstance(info, dict):
+        raise DataError(f"{path}: expected a JSON object mapping each dataset's name to its entry "
+                        f"({{\"name\": {{\"file_name\": ...}}}}), got {_json_kind(info)}")
+    for name, entry in info.items():
+        if not isinstance(entry, dict):
+            raise DataError(f"{path}: entry {name!r} must be an object (with file_name, formatting, columns, "
+                            f"...), got {_json_kind(entry)}")
+    return info
+
+
+def _json_kind(value) -> str:
+    kinds = {dict: "an object", list: "an array", str: "a string", bool: "true or false", type(None): "null",
+             int: "a number", float: "a number"}
+    return kinds.get(type(value), type(value).__name__)
 
 
 def read_records(path: Path, skip_bad_lines: bool = False, report: ReadReport | None = None) -> list[Record]:

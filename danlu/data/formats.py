@@ -12,8 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from danlu.data.files import DataError, Record
-from danlu.utils.jsonfile import read_json
+from danlu.data.files import DataError, Record, check_dataset_info
 
 ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "system": "system",
                   "history": "history"}
@@ -79,11 +78,9 @@ class DatasetSpec:
 
 def load_dataset_info(dataset_dir: Path) -> dict[str, DatasetSpec]:
     path = Path(dataset_dir) / "dataset_info.json"
-    info = read_json(path, DataError, "dataset_dir must hold a dataset_info.json that names the datasets")
+    info = check_dataset_info(dataset_dir)
     specs = {}
     for name, entry in info.items():
-        if not isinstance(entry, dict):
-            raise DataError(f"{path}: entry {name!r} must be an object")
         if "file_name" not in entry:
             remote = [k for k in ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url") if k in entry]
             why = f"it names {remote[0]}; download it and give its local file_name" if remote else "no file_name"

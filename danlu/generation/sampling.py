@@ -7,6 +7,9 @@ from typing import Optional
 import torch
 
 
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's largest
+
+
 @dataclass
 class GenerationConfig:
     max_new_tokens: int = 512
@@ -28,7 +31,8 @@ class GenerationConfig:
             ("top_p", isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, "a number in (0, 1]"),
             ("repetition_penalty", isinstance(self.repetition_penalty, (int, float)) and self.repetition_penalty > 0,
              "a number > 0"),
-            ("seed", self.seed is None or isinstance(self.seed, int), "an integer or None"),
+            ("seed", self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)
+                                           and 0 <= self.seed <= MAX_SEED), f"an integer in [0, {MAX_SEED}] or None"),
             ("stop", isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop),
              "a list of non-empty strings"),
         ]

@@ -1,31 +1,34 @@
-"""The continuous-batching engine: one thread decodes every running request together, one token a step.
+"""The continuous-batching engine: one thread runs the loop schedule -> prefill new prompts -> decode everything
+running, one token a step.
 
-Requests wait in a bounded queue; between steps new ones are prefilled into free slots and finished or
-cancelled ones leave, so a request never waits for a whole batch to finish. Each request keeps its own
-sampling settings, seed, stop strings and KV-cache slot.
+The scheduler (scheduler.py) decides and owns every slot; the runner (runner.py) computes; each request keeps its
+own sampling state (generation/sequence.py). A request is validated completely before it may take a slot, and
+whatever fails after that ends in `_end`, which gives the slot back and answers the client.
 """
 from __future__ import annotations
 
 import itertools
-import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-import torch
-
-from danlu.generation.sampling import GenerationConfig, next_tokens
-from danlu.generation.text import IncrementalDecoder
-from danlu.serving.slots import SlotKVCache
+from danlu.generation.sampling import GenerationConfig
+from danlu.generation.sequence import SequenceState, TokenChoice
+from danlu.serving.metrics import Metrics
+from danlu.serving.runner import ModelRunner
+from danlu.serving.scheduler import QueueFull, Scheduler
 from danlu.utils.progress import logger
 
-
-class QueueFull(RuntimeError):
-    """The engine's waiting queue is full: the client should retry later."""
+__all__ = ["Engine", "Event", "PromptTooLong", "QueueFull", "Request", "ShuttingDown"]
 
 
 class PromptTooLong(ValueError):
     """The prompt (plus the asked-for tokens) does not fit the context."""
+
+
+class ShuttingDown(RuntimeError):
+    """The engine is stopping and takes no new requests."""
 
 
 @dataclass
@@ -34,6 +37,7 @@ class Event:
     finish_reason: Optional[str] = None  # "stop" | "length" | "cancelled" | "error" on the last event
     completion_tokens: int = 0
     error: Optional[str] = None
+    tokens: list[TokenChoice] = field(default_factory=list)  # the tokens chosen since the previous event
 
 
 @dataclass
@@ -43,44 +47,46 @@ class Request:
     emit: Callable[[Event], None]  # called from the engine thread
     adapter: Optional[str] = None
     ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks), as vLLM's extension
+    top_logprobs: int = 0  # how many most likely tokens to report with each chosen one
     id: int = field(default_factory=itertools.count().__next__)
-    cancelled: bool = False
     # engine-side state
     slot: int = -1
-    generated: list[int] = field(default_factory=list)
+    state: Optional[SequenceState] = None
     last_token: int = 0
-    decoder: Optional[IncrementalDecoder] = None
-    generator: Optional[torch.Generator] = None
-    seen: Optional[torch.Tensor] = None
-    max_new: int = 0
+    unreported: list[TokenChoice] = field(default_factory=list)
+    submitted: float = field(default_factory=time.monotonic)
+    first_token_at: Optional[float] = None
+    ended: bool = False
 
-    def cancel(self) -> None:
-        self.cancelled = True
+    @property
+    def generated(self) -> list[int]:
+        return self.state.generated if self.state is not None else []
 
 
 class Engine:
     def __init__(self, model, tokenizer, max_batch: int = 16, max_queue: int = 64,
-                 eos_ids: Optional[list[int]] = None, adapters=None):
-        self.model = model.eval()
+                 eos_ids: Optional[list[int]] = None, adapters=None, prefill_chunk: int = 512,
+                 prefill_token_budget: int = 4096):
         self.tokenizer = tokenizer
-        self.max_batch = max_batch
-        self.context = model.config.max_position_embeddings
-        self.eos_ids = set(eos_ids if eos_ids is not None else model.config.eos_token_ids)
+        self.vocab_size = model.config.vocab_size
+        self.eos_ids = list(eos_ids if eos_ids is not None else model.config.eos_token_ids)
         self.adapters = adapters  # a MultiLoRA (per-row adapters) or None
-        device = next(model.parameters()).device
-        dtype = next(model.parameters()).dtype
-        self.device = device
-        self.cache = SlotKVCache(model.config, max_batch, self.context, dtype, device)
-        self.waiting: "queue.Queue[Request]" = queue.Queue(maxsize=max_queue)
-        self.running: dict[int, Request] = {}
-        self.free_slots = list(range(max_batch))
+        self.runner = ModelRunner(model, max_batch, adapters, prefill_chunk)
+        self.context = self.runner.context
+        self.max_batch = max_batch
+        self.scheduler = Scheduler(max_batch, max_queue, prefill_token_budget)
+        self.metrics = Metrics()
         self._stop = threading.Event()
+        self._accepting = True
         self._thread: Optional[threading.Thread] = None
+        self.heartbeat = time.monotonic()  # the loop's last turn: /health tells a stuck loop by it
         self.steps = 0
 
     # ---------------------------------------------------------------- client side
 
     def check_fits(self, prompt_len: int, max_new_tokens: int) -> None:
+        if prompt_len < 1:
+            raise PromptTooLong("the prompt is empty: it needs at least one token")
         if prompt_len >= self.context:
             raise PromptTooLong(f"the prompt has {prompt_len} tokens, over the context of {self.context} tokens "
                                 f"by {prompt_len - self.context + 1}")
@@ -88,127 +94,170 @@ class Engine:
             raise PromptTooLong(f"max_tokens {max_new_tokens} plus the prompt's {prompt_len} tokens exceed the "
                                 f"context of {self.context} tokens by {prompt_len + max_new_tokens - self.context}")
 
-    def submit(self, request: Request) -> Request:
+    def validate(self, request: Request) -> None:
+        """Everything that could fail once the request holds a slot, checked before it may take one."""
+        request.config.validate()
         self.check_fits(len(request.prompt_ids), request.config.max_new_tokens)
-        if self.adapters is not None and request.adapter is not None and request.adapter not in self.adapters.names:
+        bad = [t for t in request.prompt_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]!r} is not in the vocabulary (0..{self.vocab_size - 1})")
+        if request.adapter is not None and (self.adapters is None or request.adapter not in self.adapters.names):
             raise ValueError(f"unknown adapter {request.adapter!r}")
-        try:
-            self.waiting.put_nowait(request)
-        except queue.Full:
-            raise QueueFull(f"the server is busy: {self.waiting.maxsize} requests are already waiting") from None
+        if not 0 <= request.top_logprobs <= 20:
+            raise ValueError(f"top_logprobs must be between 0 and 20, got {request.top_logprobs}")
+
+    def submit(self, request: Request) -> Request:
+        self.submit_group([request])
         return request
+
+    def submit_group(self, requests: list[Request]) -> list[Request]:
+        """Queue all of `requests` (one API call's choices and prompts) or none of them."""
+        if not self._accepting:
+            raise ShuttingDown("the server is shutting down")
+        for request in requests:
+            self.validate(request)
+        self.scheduler.add_group(requests)
+        return requests
+
+    def abort(self, request: Request) -> None:
+        """The client went away: end the request at the next step, freeing its slot."""
+        self.scheduler.abort(request.id)
 
     def start(self) -> "Engine":
         self._thread = threading.Thread(target=self._run, name="danlu-engine", daemon=True)
         self._thread.start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, drain_timeout: float = 0.0) -> None:
+        """Take no new requests; let the running ones finish for up to `drain_timeout` seconds, then abort what is
+        left (each client gets its end) and stop the loop."""
+        self._accepting = False
+        deadline = time.monotonic() + drain_timeout
+        while self.alive and time.monotonic() < deadline and self.scheduler.load["running"] + \
+                self.scheduler.load["waiting"]:
+            time.sleep(0.05)
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        for request in self.scheduler.drain():
+            self._end(request, "cancelled", release=False)
+
+    @property
+    def model(self):
+        return self.runner.model
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     @property
     def load(self) -> dict:
-        return {"running": len(self.running), "waiting": self.waiting.qsize(), "slots": self.max_batch}
+        return self.scheduler.load
+
+    def health(self, stuck_after: float = 120.0) -> tuple[bool, dict]:
+        """(healthy, details): unhealthy when the loop has died, or has not turned for `stuck_after` seconds
+        while requests wait or run."""
+        load = self.scheduler.load
+        since = time.monotonic() - self.heartbeat
+        busy = load["running"] or load["waiting"]
+        problem = None
+        if not self.alive:
+            problem = "the engine loop is not running"
+        elif busy and since > stuck_after:
+            problem = f"the engine loop has not completed a step for {since:.0f} s"
+        return problem is None, {**load, "seconds_since_last_step": round(since, 3),
+                                 **({"problem": problem} if problem else {})}
 
     # ---------------------------------------------------------------- engine thread
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            try:
-                self._admit()
-                if not self.running:
-                    try:
-                        request = self.waiting.get(timeout=0.05)
-                    except queue.Empty:
-                        continue
-                    self._start(request)
-                    continue
-                self._step()
-            except Exception as e:  # a bug must not leave clients hanging: fail what is running
-                logger.exception("engine step failed")
-                for request in list(self.running.values()):
-                    self._finish(request, "error", error=f"{type(e).__name__}: {e}")
+            self.heartbeat = time.monotonic()
+            if not self.scheduler.wait_for_work(timeout=0.1):
+                continue
+            self.step()
 
-    def _admit(self) -> None:
-        while self.free_slots and not self.waiting.empty():
-            try:
-                request = self.waiting.get_nowait()
-            except queue.Empty:
-                return
-            self._start(request)
-
-    @torch.inference_mode()
-    def _start(self, request: Request) -> None:
-        """Prefill a new request into a free slot and pick its first token."""
-        if request.cancelled:
-            request.emit(Event(finish_reason="cancelled"))
-            return
-        request.slot = self.free_slots.pop()
-        self.cache.reset(request.slot)
-        request.decoder = IncrementalDecoder(self.tokenizer, request.config.stop)
-        request.max_new = request.config.max_new_tokens
-        if request.config.seed is not None:
-            request.generator = torch.Generator(device=self.device).manual_seed(request.config.seed)
-        if request.config.repetition_penalty != 1.0:
-            request.seen = torch.zeros(self.model.config.vocab_size, dtype=torch.bool, device=self.device)
-            request.seen[request.prompt_ids] = True
-        self.running[request.id] = request
-        view = self.cache.view([request.slot])
-        ids = torch.tensor([request.prompt_ids], device=self.device)
-        self._set_adapters([request])
-        logits = self.model(ids, position_ids=view.position_ids(len(request.prompt_ids)), kv_cache=view,
-                            last_only=True)[:, -1]
-        self._accept(request, logits[0])
-
-    @torch.inference_mode()
-    def _step(self) -> None:
-        requests = [r for r in self.running.values()]
-        for r in requests:
-            if r.cancelled:
-                self._finish(r, "cancelled")
-        requests = [r for r in requests if not r.cancelled]
-        if not requests:
-            return
-        view = self.cache.view([r.slot for r in requests])
-        tokens = torch.tensor([[r.last_token] for r in requests], device=self.device)
-        self._set_adapters(requests)
-        logits = self.model(tokens, attention_mask=view.attention_mask(1), position_ids=view.position_ids(1),
-                            kv_cache=view)[:, -1]
+    def step(self) -> None:
+        """One turn: end the aborted, prefill the admitted, decode the rest."""
+        schedule = self.scheduler.schedule()
+        for request in schedule.aborted:
+            self._end(request, "cancelled", release=False)
+        try:
+            if schedule.prefill:
+                self._prefill(schedule.prefill)
+            decoding = [r for r in schedule.decode if not r.ended]
+            if decoding:
+                self._decode(decoding)
+        except Exception as e:  # a bug must not leave clients hanging: fail what is running, free the slots
+            logger.exception("engine step failed")
+            for request in self.scheduler.fail_running():
+                self._end(request, "error", error=f"{type(e).__name__}: {e}", release=False)
         self.steps += 1
-        for request, row_logits in zip(requests, logits):
-            self._accept(request, row_logits)
 
-    def _set_adapters(self, requests: list[Request]) -> None:
-        if self.adapters is not None:
-            self.adapters.set_rows([r.adapter for r in requests])
-
-    def _accept(self, request: Request, logits: torch.Tensor) -> None:
-        token = int(next_tokens(logits[None], request.config, None if request.seen is None else request.seen[None],
-                                request.generator)[0])
-        request.generated.append(token)
-        request.last_token = token
-        if request.seen is not None:
-            request.seen[token] = True
-        if token in self.eos_ids and not request.ignore_eos:
-            self._finish(request, "stop")
+    def _prefill(self, requests: list[Request]) -> None:
+        started = []
+        for request in requests:
+            try:
+                request.state = SequenceState(request.prompt_ids, request.config, self.eos_ids, self.tokenizer,
+                                              self.vocab_size, self.runner.device, request.ignore_eos,
+                                              request.top_logprobs)
+                started.append(request)
+            except Exception as e:
+                self._end(request, "error", error=f"{type(e).__name__}: {e}")
+        if not started:
             return
-        piece = request.decoder.add(token)
-        if piece:
-            request.emit(Event(text=piece, completion_tokens=len(request.generated)))
-        if request.decoder.stopped:
-            self._finish(request, "stop")
-        elif len(request.generated) >= request.max_new:
-            self._finish(request, "length")
+        logits = self.runner.prefill([r.slot for r in started], [r.prompt_ids for r in started],
+                                     [r.adapter for r in started])
+        self.metrics.prompt_tokens(sum(len(r.prompt_ids) for r in started))
+        for request, row in zip(started, logits):
+            self._accept(request, row)
 
-    def _finish(self, request: Request, reason: str, error: Optional[str] = None) -> None:
-        if reason in ("stop", "length"):  # text held back as a possible stop string is final now
-            tail = request.decoder.flush() if request.decoder else ""
+    def _decode(self, requests: list[Request]) -> None:
+        started = time.monotonic()
+        logits = self.runner.decode([r.slot for r in requests], [r.last_token for r in requests],
+                                    [r.adapter for r in requests])
+        self.metrics.decode_step(time.monotonic() - started, len(requests))
+        for request, row in zip(requests, logits):
+            self._accept(request, row)
+
+    def _accept(self, request: Request, logits) -> None:
+        choice = request.state.choose(logits)
+        request.last_token = choice.token
+        request.unreported.append(choice)
+        if request.first_token_at is None:
+            request.first_token_at = time.monotonic()
+            self.metrics.first_token(request.first_token_at - request.submitted)
+        piece, reason = request.state.accept(choice)
+        if piece:
+            self._emit(request, Event(text=piece, completion_tokens=len(request.generated),
+                                      tokens=self._take_unreported(request)))
+        if reason is not None:
+            self._end(request, reason)
+
+    def _end(self, request: Request, reason: str, error: Optional[str] = None, release: bool = True) -> None:
+        """The one way a request ends: its held-back text, its slot back (unless the scheduler already took it),
+        its last event."""
+        if request.ended:
+            return
+        request.ended = True
+        if reason in ("stop", "length") and request.state is not None:
+            tail = request.state.flush()
             if tail:
-                request.emit(Event(text=tail, completion_tokens=len(request.generated)))
-        self.running.pop(request.id, None)
-        if request.slot >= 0:
-            self.free_slots.append(request.slot)
-            request.slot = -1
-        request.emit(Event(finish_reason=reason, completion_tokens=len(request.generated), error=error))
+                self._emit(request, Event(text=tail, completion_tokens=len(request.generated)))
+        if release:
+            self.scheduler.finish(request)
+        self.metrics.finished(reason, len(request.generated))
+        self._emit(request, Event(finish_reason=reason, completion_tokens=len(request.generated), error=error,
+                                  tokens=self._take_unreported(request)))
+
+    @staticmethod
+    def _take_unreported(request: Request) -> list[TokenChoice]:
+        taken, request.unreported = request.unreported, []
+        return taken
+
+    @staticmethod
+    def _emit(request: Request, event: Event) -> None:
+        try:
+            request.emit(event)
+        except Exception:  # a client's callback must not stop the loop for everyone else
+            logger.exception("delivering an event of request %s failed", request.id)

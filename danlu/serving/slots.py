@@ -5,6 +5,8 @@ requests of different lengths decode together and join or leave between steps.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from danlu.models.config import ModelConfig
@@ -19,19 +21,21 @@ class SlotKVCache:
         self.lengths = torch.zeros(slots, dtype=torch.long)
         self.capacity = capacity
 
-    def view(self, rows: list[int]) -> "SlotView":
-        return SlotView(self, rows)
+    def view(self, rows: list[int], new_tokens: Optional[list[int]] = None) -> "SlotView":
+        return SlotView(self, rows, new_tokens)
 
     def reset(self, row: int) -> None:
         self.lengths[row] = 0
 
 
 class SlotView:
-    """The rows of a SlotKVCache that take part in one forward pass."""
+    """The rows of a SlotKVCache that take part in one forward pass. `new_tokens`: how many of the forward's
+    tokens are real in each row (right-padded prefill); its lengths advance by those only. Default: all."""
 
-    def __init__(self, cache: SlotKVCache, rows: list[int]):
+    def __init__(self, cache: SlotKVCache, rows: list[int], new_tokens: Optional[list[int]] = None):
         self.cache = cache
         self.rows = torch.tensor(rows, dtype=torch.long)
+        self.new_tokens = None if new_tokens is None else torch.tensor(new_tokens, dtype=torch.long)
         self.row_lengths = cache.lengths[self.rows].clone()
         self.length = int(self.row_lengths.max())  # the model's "past": every row's keys fit below it
         device = cache.keys[0].device
@@ -60,10 +64,10 @@ class SlotView:
         if self.length + new > self.cache.capacity:
             raise ValueError(f"slot cache holds {self.cache.capacity} positions; {self.length + new} needed")
         keys, values = self.cache.keys[layer], self.cache.values[layer]
-        if len(self.rows) == 1:  # a prefill: one contiguous write
-            row, start = int(self.rows[0]), int(self.row_lengths[0])
-            keys[row, :, start:start + new] = k[0]
-            values[row, :, start:start + new] = v[0]
+        if len(self.rows) == 1 or new > 1:  # a prefill: one contiguous write per row
+            for j, (row, start) in enumerate(zip(self.rows.tolist(), self.row_lengths.tolist())):
+                keys[row, :, start:start + new] = k[j]
+                values[row, :, start:start + new] = v[j]
         else:
             for step in range(new):
                 keys[self._device_rows, :, self._device_lengths + step] = k[:, :, step]
@@ -77,4 +81,4 @@ class SlotView:
         return torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
 
     def advance(self, steps: int) -> None:
-        self.cache.lengths[self.rows] = self.row_lengths + steps
+        self.cache.lengths[self.rows] = self.row_lengths + (steps if self.new_tokens is None else self.new_tokens)

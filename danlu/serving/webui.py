@@ -6,29 +6,21 @@ of a LoRA adapter. Adapters sit beside the one base model (`MultiLoRA`), so swit
 The handlers are plain methods of `ChatHandlers` (history in, history out, in gradio's "messages" format), so
 they are tested without a browser; `build_webui` only wires them to gradio components.
 
-Every generation runs on one worker thread: the model is used by one answer at a time (the adapter choice,
-`MultiLoRA.set_rows`, is model-wide state), and `torch.inference_mode` stays on the thread that entered it
-however gradio's threads resume the streaming handler.
+The page is a client of the same engine as `danlu api` (serving/engine.py): each answer is a request of its own,
+so several browser tabs are decoded together in one batch, each with its own adapter and sampling settings.
 """
 from __future__ import annotations
 
 import os
 import queue
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
-from danlu.generation.pipeline import chat
 from danlu.generation.sampling import GenerationConfig
+from danlu.serving.engine import Engine, Request
+from danlu.tokenization.chat import encode_chat, stop_words
 
 BASE = "base"  # the adapter choice meaning "no adapter"
-_DONE = object()
-
-
-class _Failure:
-    def __init__(self, error: BaseException):
-        self.error = error
 
 
 def message_text(content) -> str:
@@ -61,18 +53,18 @@ class ChatHandlers:
     """The chat page's actions; each streaming one yields the whole chat history after every new piece."""
 
     def __init__(self, lm, multi_lora=None, template: Optional[str] = None,
-                 config: Optional[GenerationConfig] = None):
+                 config: Optional[GenerationConfig] = None, max_batch: int = 8):
         if lm.tokenizer is None:
             raise ValueError(f"{lm.source} has no tokenizer; the web chat needs a checkpoint with one")
         self.lm = lm
-        self.multi_lora = multi_lora
         self.template = template
         self.config = config or GenerationConfig()
         names = list(multi_lora.names) if multi_lora is not None else []
         if BASE in names:
             raise ValueError(f"an adapter may not be called {BASE!r}: that name means the base model")
         self.adapters = [BASE] + names
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="danlu-webui")
+        self.stops = stop_words(lm.tokenizer, template)
+        self.engine = Engine(lm.model, lm.tokenizer, max_batch=max_batch, adapters=multi_lora).start()
 
     def answer(self, messages: list[dict], system: Optional[str] = None, adapter: Optional[str] = BASE,
                temperature: Optional[float] = None, top_p: Optional[float] = None,
@@ -84,35 +76,22 @@ class ChatHandlers:
         sampling = {"temperature": None if temperature is None else float(temperature),
                     "top_p": None if top_p is None else float(top_p),
                     "max_new_tokens": None if max_new_tokens is None else int(max_new_tokens)}
+        config = self.config.updated(**{k: v for k, v in sampling.items() if v is not None}).with_stops(self.stops)
         system = system if system and system.strip() else None
-        pieces: queue.Queue = queue.Queue()
-        cancelled = threading.Event()
-
-        def produce():
-            try:
-                if self.multi_lora is not None:
-                    self.multi_lora.set_rows([None if adapter == BASE else adapter])  # chat is batch 1
-                for piece in chat(self.lm, messages, template=self.template, system=system, stream_output=True,
-                                  config=self.config, **sampling):
-                    if cancelled.is_set():
-                        break
-                    pieces.put(piece)
-            except BaseException as e:  # handed to the caller's thread
-                pieces.put(_Failure(e))
-            finally:
-                pieces.put(_DONE)
-
-        self._worker.submit(produce)
+        prompt = encode_chat(self.lm.tokenizer, messages, self.template, system)
+        events: queue.Queue = queue.Queue()
+        request = self.engine.submit(Request(prompt, config, events.put, None if adapter == BASE else adapter))
         try:
             while True:
-                item = pieces.get()
-                if item is _DONE:
+                event = events.get()
+                if event.text:
+                    yield event.text
+                if event.finish_reason == "error":
+                    raise RuntimeError(f"generation failed: {event.error}")
+                if event.finish_reason is not None:
                     return
-                if isinstance(item, _Failure):
-                    raise item.error
-                yield item
         finally:
-            cancelled.set()  # a closed stream (page left, new request) stops the generation at its next piece
+            self.engine.abort(request)  # a closed stream (page left, new request) frees the slot at the next step
 
     def _stream_reply(self, history: list[dict], *settings) -> Iterator[list[dict]]:
         """`history` ends with a user turn: append the assistant's answer, yielding it as it grows."""
@@ -158,7 +137,7 @@ class ChatHandlers:
         return [], ""
 
     def close(self) -> None:
-        self._worker.shutdown(wait=False, cancel_futures=True)
+        self.engine.stop()
 
 
 def offline_theme():
@@ -176,7 +155,7 @@ def _as_ui_error(fn):
     def wrapped(*args):
         try:
             yield from fn(*args)
-        except ValueError as e:  # includes ContextOverflow and invalid sampling settings
+        except (ValueError, RuntimeError) as e:  # a prompt over the context, bad settings, a full queue
             raise gr.Error(str(e)) from e
 
     wrapped.__name__ = fn.__name__
@@ -197,8 +176,9 @@ def build_webui(lm, multi_lora=None, template: Optional[str] = None, config: Opt
                                                        if len(handlers.adapters) > 1 else ""))
         chatbot = gr.Chatbot(label=name, elem_id="chatbot", height=480, buttons=["copy"],
                              feedback_options=None)
-        query = gr.Textbox(lines=2, label="Input", placeholder="Type a message, then Submit (or press Enter)",
-                           elem_id="query")
+        # lines=1 (growing to 8): gradio sends on Enter only then; Shift+Enter still breaks the line
+        query = gr.Textbox(lines=1, max_lines=8, label="Input", elem_id="query",
+                           placeholder="Type a message, then Enter or Submit (Shift+Enter: a new line)")
         with gr.Row():
             clear_btn = gr.Button("🧹 Clear History (清除历史)", elem_id="clear")
             submit_btn = gr.Button("🚀 Submit (发送)", variant="primary", elem_id="submit")

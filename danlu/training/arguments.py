@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -255,8 +256,7 @@ class TrainArguments:
         if not 0 <= self.val_size < 1 and not (self.val_size >= 1 and float(self.val_size).is_integer()):
             raise ArgumentError(f"val_size must be a fraction in [0, 1) or a whole number of examples, "
                                 f"got {self.val_size}")
-        if self.learning_rate <= 0:
-            raise ArgumentError(f"learning_rate must be positive, got {self.learning_rate}")
+        self.validate_schedule()
         if not 0 <= self.warmup_ratio < 1:
             raise ArgumentError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.fp16 and self.bf16:
@@ -268,6 +268,43 @@ class TrainArguments:
         self.validate_parallel()
         self.validate_preference()
         self.validate_distillation()
+
+    def validate_schedule(self) -> None:
+        """The numbers that set how long and how hard the run trains: a run they make empty or meaningless
+        (no steps, a negative rate, a nan) is refused before anything loads, naming the key and its value."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ArgumentError(f"{f.name} must be a finite number, got {value}")
+        if self.max_steps < -1:
+            raise ArgumentError(f"max_steps must be a positive number of optimizer steps, or -1 (the default) to "
+                                f"train num_train_epochs epochs; got {self.max_steps}")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            raise ArgumentError(f"num_train_epochs must be positive (or set max_steps), got {self.num_train_epochs}: "
+                                f"the run would take no training step")
+        if self.learning_rate <= 0:
+            raise ArgumentError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.warmup_steps < 0:
+            raise ArgumentError(f"warmup_steps must be 0 (off: warmup_ratio decides) or positive, got "
+                                f"{self.warmup_steps}")
+        if self.weight_decay < 0:
+            raise ArgumentError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.max_grad_norm < 0:
+            raise ArgumentError(f"max_grad_norm must be positive (or 0: no clipping, as in transformers), got "
+                                f"{self.max_grad_norm}")
+        for key in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ArgumentError(f"{key} must be in [0, 1), got {getattr(self, key)}")
+        if self.adam_epsilon < 0 or self.sgd_momentum < 0:
+            raise ArgumentError(f"adam_epsilon and sgd_momentum must be >= 0, got adam_epsilon={self.adam_epsilon}, "
+                                f"sgd_momentum={self.sgd_momentum}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ArgumentError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.max_samples is not None and self.max_samples <= 0:
+            raise ArgumentError(f"max_samples must be positive (or unset: every example), got {self.max_samples}")
+        if self.save_total_limit is not None and self.save_total_limit < 0:
+            raise ArgumentError(f"save_total_limit must be positive (or 0 or unset: keep every checkpoint), got "
+                                f"{self.save_total_limit}")
 
     def validate_parallel(self) -> None:
         """The layout's keys and the deepspeed file, before any work (its product is checked against the world

@@ -30,7 +30,8 @@ import torch
 from danlu.checkpoints.errors import CheckpointError
 from danlu.distributed.full_state import (full_model_state, full_optimizer_state, is_sharded,
                                           load_full_model_state, shard_optimizer_state)
-from danlu.utils.atomic import atomic_directory
+from danlu.utils.atomic import atomic_directory, remove_stale_temporaries
+from danlu.utils.jsonfile import dumps_json
 from danlu.utils.progress import logger
 
 STATE_NAME = "trainer_state.json"
@@ -180,7 +181,7 @@ def save_checkpoint(output_dir: Path, state: TrainerState, model: torch.nn.Modul
         torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                     "optimizer_class": type(optimizer).__name__}, tmp / "optimizer.pt")
         torch.save(rng_state(), tmp / "rng_state.pt")
-        (tmp / STATE_NAME).write_text(json.dumps(asdict(state), indent=2), encoding="utf-8")
+        (tmp / STATE_NAME).write_text(dumps_json(asdict(state), indent=2), encoding="utf-8")
     if save_total_limit:
         keep = {target.name, state.best_checkpoint}
         old = [c for c in list_checkpoints(output_dir) if c.name not in keep]
@@ -220,6 +221,18 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
         if match and (path / STATE_NAME).is_file():
             found.append((int(match.group(1)), path))
     return [p for _, p in sorted(found)]
+
+
+def remove_stale_checkpoint_writes(output_dir: Path) -> list[Path]:
+    """Remove from output_dir the temporaries of writes a crash cut short (danlu.utils.atomic's names only:
+    `.checkpoint-N.<hex>.tmp`, `.staged.*.tmp`, `.trainer_log.jsonl.<hex>.tmp`, ...); a `.checkpoint-N.old` left
+    between the two renames that replace checkpoint-N is renamed back when checkpoint-N is missing. A run
+    calls it before it looks at output_dir (a directory holding only such leftovers holds no run)."""
+    handled = remove_stale_temporaries(Path(output_dir), keep_old_of=lambda name: bool(_CHECKPOINT.fullmatch(name)))
+    if handled:
+        logger.info("removed what a stopped run's unfinished writes left in %s: %s", output_dir,
+                    ", ".join(p.name for p in handled))
+    return handled
 
 
 def latest_checkpoint(output_dir: Path) -> Optional[Path]:

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from danlu.utils.atomic import atomic_write_text
+from danlu.utils.jsonfile import dumps_json
 from danlu.utils.progress import logger, progress
 
 LOG_NAME = "trainer_log.jsonl"
@@ -45,7 +46,7 @@ class TrainingLog:
 
     def _keep_records_up_to(self, step: int) -> None:
         lines = self.path.read_text(encoding="utf-8").splitlines()
-        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept = [line for line in lines if (record := _parse(line)) is not None and record.get("step", 0) <= step]
         if len(kept) < len(lines):
             atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
@@ -86,7 +87,7 @@ class TrainingLog:
         if not self.enabled:
             return
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(dumps_json(record) + "\n")  # an inf or nan metric is null: the file stays JSON
             f.flush()
             os.fsync(f.fileno())
         if self.tensorboard is not None:
@@ -98,7 +99,8 @@ class TrainingLog:
     def records(self) -> list[dict]:
         if not self.path.is_file():
             return []
-        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = self.path.read_text(encoding="utf-8").splitlines()
+        return [record for line in lines if (record := _parse(line)) is not None]
 
     def finish(self, plot: bool) -> None:
         if not self.enabled:
@@ -107,6 +109,17 @@ class TrainingLog:
             self.tensorboard.close()
         if plot:
             plot_losses(self.records(), self.output_dir)
+
+
+def _parse(line: str):
+    """A record of the log, or None for a blank line or one a crash cut short (or that is not a record)."""
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def memory_gib(device) -> float:
@@ -134,7 +147,7 @@ def plot_losses(records: list[dict], output_dir: Path) -> list[Path]:
     written = []
     for key, file_name, title in (("loss", "training_loss.png", "training loss"),
                                   ("eval_loss", "eval_loss.png", "validation loss")):
-        points = [(r["step"], r[key]) for r in records if key in r]
+        points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
         if not points:
             continue
         steps, values = zip(*points)

@@ -156,7 +156,10 @@ class _Run:
         return outputs, weighted_loss / len(outputs)
 
     def clip_gradients(self) -> None:
-        """Clip by the global norm of the gradients (over every pipeline stage's)."""
+        """Clip by the global norm of the gradients (over every pipeline stage's); max_grad_norm 0: no clipping
+        (transformers' meaning)."""
+        if self.config.max_grad_norm <= 0:
+            return
         if self.pipeline is not None:
             self.pipeline.clip_grad_norm_(self.params, self.config.max_grad_norm)
         else:

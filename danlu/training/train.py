@@ -24,7 +24,7 @@ from danlu.distributed.mesh import data_parallel_mesh, distributed
 from danlu.distributed.parallelize import check_layout, parallelize
 from danlu.distributed.pipeline_parallel import PipelineSettings
 from danlu.training.arguments import ArgumentError, TrainArguments
-from danlu.training.checkpoint import latest_checkpoint
+from danlu.training.checkpoint import latest_checkpoint, remove_stale_checkpoint_writes
 from danlu.training.finetuning import apply_finetuning, save_final
 from danlu.training.logs import TrainingLog
 from danlu.training.loop import FitConfig, FitResult, fit
@@ -200,9 +200,8 @@ def resume_point(args: TrainArguments, output_dir: Path, remove_old_outputs: boo
     outputs). The temporary directories of the writes the failure cut short are removed."""
     note, this_torchrun = torchrun_note(output_dir)
     restart = note is not None and note.is_file() and note.read_text(encoding="utf-8") == this_torchrun
-    if restart and remove_old_outputs:
-        for stale in (*output_dir.glob(".checkpoint-*.tmp"), *output_dir.glob(".staged.*.tmp")):
-            shutil.rmtree(stale, ignore_errors=True)
+    if remove_old_outputs:
+        remove_stale_checkpoint_writes(output_dir)
     found = latest_checkpoint(output_dir) if restart else None
     if found is not None:
         logger.info("torchrun restarted the job: resuming from %s", found)

@@ -39,7 +39,7 @@ def test_api_key_is_required_when_set(engine):
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     assert client.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert client.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
-    assert client.get("/health").status_code == 200
+    assert client.get("/health").status_code == 503  # no key needed; the engine loop is not started here
 
 
 def test_full_queue_answers_429(engine):
@@ -84,9 +84,8 @@ def run_to_end(engine, prompts, max_new_tokens=6):
     """Drive the engine's steps in this thread; the tokens each prompt got."""
     requests = [engine.submit(Request(p, GenerationConfig(max_new_tokens=max_new_tokens, temperature=0),
                                       emit=lambda e: None)) for p in prompts]
-    engine._admit()
-    while engine.running:
-        engine._step()
+    while engine.scheduler.running or engine.scheduler.waiting:
+        engine.step()
     return [r.generated for r in requests]
 
 
@@ -97,6 +96,6 @@ def test_rows_shorter_than_the_batch_ignore_garbage_in_unused_cache_positions():
     prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [20, 21]]
     alone = [run_to_end(Engine(model, CharTokenizer(), max_batch=2, eos_ids=[]), [p])[0] for p in prompts]
     engine = Engine(model, CharTokenizer(), max_batch=2, eos_ids=[])
-    for tensor in engine.cache.keys + engine.cache.values:
+    for tensor in engine.runner.cache.keys + engine.runner.cache.values:
         tensor.fill_(float("nan"))
     assert run_to_end(engine, prompts) == alone

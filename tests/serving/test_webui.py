@@ -152,7 +152,9 @@ def test_chat_in_a_real_browser(tmp_path, adapters):
     from PIL import Image
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -190,8 +192,15 @@ def test_chat_in_a_real_browser(tmp_path, adapters):
         box = wait.until(EC.element_to_be_clickable((By.CSS_SELECTOR, "#query textarea")))
         adapter = driver.find_element(By.CSS_SELECTOR, "#adapter input")
         assert adapter.get_attribute("value") == "base"
-        box.send_keys(QUESTION)
-        driver.find_element(By.ID, "submit").click()
+        # Shift+Enter breaks the line and sends nothing; Enter sends
+        ActionChains(driver).click(box).send_keys("first line").key_down(Keys.SHIFT).send_keys(Keys.ENTER) \
+            .key_up(Keys.SHIFT).send_keys("second line").perform()
+        time.sleep(1)
+        assert box.get_attribute("value") == "first line\nsecond line"
+        assert "first line" not in driver.find_element(By.ID, "chatbot").text
+        box.send_keys(Keys.CONTROL, "a")
+        box.send_keys(Keys.BACKSPACE)
+        box.send_keys(QUESTION, Keys.ENTER)
 
         chatbot = driver.find_element(By.ID, "chatbot")
         WebDriverWait(driver, 180, poll_frequency=0.2).until(lambda d: "Paris" in chatbot.text)

@@ -1,0 +1,67 @@
+"""One answer being decoded, token by token: its seed, the tokens it has seen (repetition penalty), its stop strings
+and end-of-sequence ids, and the text handed out so far. The server keeps one per request; sampling a row never
+depends on the other rows of the batch."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+from danlu.generation.sampling import GenerationConfig, next_tokens
+from danlu.generation.text import IncrementalDecoder
+
+
+@dataclass
+class TokenChoice:
+    token: int
+    logprob: float  # log-probability of the token under the model's distribution (log_softmax of the logits)
+    top: list[tuple[int, float]] = field(default_factory=list)  # the `top_logprobs` most likely (token, logprob)
+
+
+class SequenceState:
+    def __init__(self, prompt_ids: Sequence[int], config: GenerationConfig, eos_ids: Sequence[int], tokenizer,
+                 vocab_size: int, device="cpu", ignore_eos: bool = False, top_logprobs: int = 0):
+        self.config, self.eos_ids, self.ignore_eos = config, set(eos_ids), ignore_eos
+        self.top_logprobs = top_logprobs
+        self.generator = None
+        if config.seed is not None and not config.greedy:
+            self.generator = torch.Generator(device=device).manual_seed(config.seed)
+        self.seen = None
+        if config.repetition_penalty != 1.0:
+            self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+            self.seen[list(prompt_ids)] = True
+        self.decoder = IncrementalDecoder(tokenizer, config.stop)
+        self.generated: list[int] = []
+        self.logprobs: list[TokenChoice] = []
+
+    def choose(self, logits: torch.Tensor) -> TokenChoice:
+        """The next token from this row's logits [vocab], with its own generator and seen tokens."""
+        token = int(next_tokens(logits[None], self.config, None if self.seen is None else self.seen[None],
+                                self.generator)[0])
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        top = []
+        if self.top_logprobs:
+            values, ids = logprobs.topk(self.top_logprobs)
+            top = list(zip(ids.tolist(), values.tolist()))
+        return TokenChoice(token, float(logprobs[token]), top)
+
+    def accept(self, choice: TokenChoice) -> tuple[str, Optional[str]]:
+        """Take the chosen token: the text now final, and "stop" / "length" when the answer ends here."""
+        token = choice.token
+        self.generated.append(token)
+        self.logprobs.append(choice)
+        if self.seen is not None:
+            self.seen[token] = True
+        if token in self.eos_ids and not self.ignore_eos:
+            return "", "stop"
+        piece = self.decoder.add(token)
+        if self.decoder.stopped:
+            return piece, "stop"
+        if len(self.generated) >= self.config.max_new_tokens:
+            return piece, "length"
+        return piece, None
+
+    def flush(self) -> str:
+        """Text held back as a possible stop string, final once the answer has ended."""
+        return self.decoder.flush()
