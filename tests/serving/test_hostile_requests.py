@@ -1,7 +1,6 @@
 """Requests as a hostile or careless client sends them: none may hang the engine, leak a slot or crash a handler.
 A tiny random model and a character tokenizer: the engine's bookkeeping is under test, not the answers."""
 import asyncio
-import json
 import time
 
 import pytest
