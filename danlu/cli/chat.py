@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import re
 import shutil
+import signal
 import sys
 
 from danlu.cli.common import (add_config_argument, add_model_options, add_sampling_options, load_from_args,
@@ -203,6 +204,9 @@ def run(args) -> int:
         session.answer(args.query)
         return 0
     _setup_readline()
+    # Ctrl-C stops an answer even when the shell that started us ignores SIGINT (a job started with `&`
+    # inherits SIG_IGN, which Python would otherwise keep)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     print(WELCOME)
     while True:
         try:

@@ -57,6 +57,7 @@ class ChatHandlers:
         if lm.tokenizer is None:
             raise ValueError(f"{lm.source} has no tokenizer; the web chat needs a checkpoint with one")
         self.lm = lm
+        self.multi_lora = multi_lora
         self.template = template
         self.config = config or GenerationConfig()
         names = list(multi_lora.names) if multi_lora is not None else []
