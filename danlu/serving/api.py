@@ -431,7 +431,7 @@ class Service:
     async def events(self, requests: list[Request], queue: asyncio.Queue, http: HTTPRequest):
         """Yield (index, event) until every member of the group has ended. A client that goes away ends the
         group: every member still running is aborted (its slot freed at the next step)."""
-        open_members, checked = len(requests), time.monotonic()
+        open_members, checked = len(requests), 0.0  # the first check at once, then every poll interval
         try:
             while open_members:
                 try:
