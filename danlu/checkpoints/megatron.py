@@ -41,9 +41,13 @@ from typing import Iterator, Optional
 import torch
 
 from danlu.checkpoints.errors import CheckpointError
+from danlu.checkpoints.hf import config_from_hf, config_to_hf, write_generation_config
 from danlu.models.config import ModelConfig
 from danlu.models.pipeline_stages import stage_layers
 from danlu.models.roles import COLUMN, ROW, role_of
+from danlu.utils.atomic import atomic_directory
+from danlu.utils.jsonfile import read_json
+from danlu.utils.progress import progress
 
 LAYOUTS = ("mcore", "legacy")
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -388,8 +392,6 @@ def write_megatron(directory: Path, shards: dict[tuple[int, int], dict[str, torc
                    args: argparse.Namespace, split: MegatronSplit, iteration: Optional[int],
                    show_progress: bool = False) -> None:
     """Write the shards and the tracker into `directory` (a fresh one: the caller makes it appear atomically)."""
-    from danlu.utils.progress import progress
-
     iteration_dir = Path(directory) / iteration_dir_name(iteration)
     bar = progress(total=len(shards), desc="Writing rank files", disable=not show_progress)
     for (t, p), flat in shards.items():
@@ -480,9 +482,6 @@ def save_megatron(state: dict[str, torch.Tensor], config: ModelConfig, out_dir: 
                   iteration: Optional[int] = None, show_progress: bool = False) -> Path:
     """Write `state` as Megatron's shards, with the Hugging Face config and tokenizer beside them (so the
     checkpoint loads for chat, training and conversion back without a detour). Appears only when complete."""
-    from danlu.checkpoints.hf import config_to_hf, write_generation_config
-    from danlu.utils.atomic import atomic_directory
-
     hf_config = config_to_hf(config, dtype)  # raises before anything is written
     state = {name: tensor.detach().to(dtype) for name, tensor in state.items()}
     shards = to_megatron(state, config, split)
@@ -499,9 +498,6 @@ def save_megatron(state: dict[str, torch.Tensor], config: ModelConfig, out_dir: 
 
 def read_megatron_config(root: Path) -> ModelConfig:
     """The checkpoint's config: its config.json when there is one (exact), else Megatron's args."""
-    from danlu.checkpoints.hf import config_from_hf
-    from danlu.utils.jsonfile import read_json
-
     root = Path(root)
     if (root / "config.json").is_file():
         return config_from_hf(read_json(root / "config.json", CheckpointError), str(root / "config.json"))

@@ -15,13 +15,13 @@ from danlu.generation.text import IncrementalDecoder
 @dataclass
 class TokenChoice:
     token: int
-    logprob: float  # log-probability of the token under the model's distribution (log_softmax of the logits)
+    logprob: Optional[float] = None  # under the model's distribution (log_softmax of the logits), when asked
     top: list[tuple[int, float]] = field(default_factory=list)  # the `top_logprobs` most likely (token, logprob)
 
 
 class SequenceState:
     def __init__(self, prompt_ids: Sequence[int], config: GenerationConfig, eos_ids: Sequence[int], tokenizer,
-                 vocab_size: int, device="cpu", ignore_eos: bool = False, top_logprobs: int = 0):
+                 vocab_size: int, device="cpu", ignore_eos: bool = False, top_logprobs: Optional[int] = None):
         self.config, self.eos_ids, self.ignore_eos = config, set(eos_ids), ignore_eos
         self.top_logprobs = top_logprobs
         self.generator = None
@@ -36,9 +36,12 @@ class SequenceState:
         self.logprobs: list[TokenChoice] = []
 
     def choose(self, logits: torch.Tensor) -> TokenChoice:
-        """The next token from this row's logits [vocab], with its own generator and seen tokens."""
+        """The next token from this row's logits [vocab], with its own generator and seen tokens (and its
+        log-probability only when asked: a softmax over the vocabulary per token is not free)."""
         token = int(next_tokens(logits[None], self.config, None if self.seen is None else self.seen[None],
                                 self.generator)[0])
+        if self.top_logprobs is None:
+            return TokenChoice(token)
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         top = []
         if self.top_logprobs:

@@ -118,11 +118,15 @@ class ChatChoice(BaseModel):
     logprobs: Optional[ChoiceLogprobs] = None
 
 
-class ChatCompletion(BaseModel):
+class CompletionHeader(BaseModel):
+    """What every completion body and chunk starts with."""
     id: str
-    object: Literal["chat.completion"] = "chat.completion"
     created: int
     model: str
+
+
+class ChatCompletion(CompletionHeader):
+    object: Literal["chat.completion"] = "chat.completion"
     choices: list[ChatChoice]
     usage: Usage
 
@@ -141,11 +145,8 @@ class CompletionChoice(BaseModel):
     logprobs: Optional[CompletionLogprobs] = None
 
 
-class Completion(BaseModel):
-    id: str
+class Completion(CompletionHeader):
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
     choices: list[CompletionChoice]
     usage: Usage
 
@@ -162,20 +163,14 @@ class ChatChunkChoice(BaseModel):
     logprobs: Optional[ChoiceLogprobs] = None
 
 
-class ChatCompletionChunk(BaseModel):
-    id: str
+class ChatCompletionChunk(CompletionHeader):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
     choices: list[ChatChunkChoice]
     usage: Optional[Usage] = None
 
 
-class CompletionChunk(BaseModel):
-    id: str
+class CompletionChunk(CompletionHeader):
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
     choices: list[CompletionChoice]
     usage: Optional[Usage] = None
 
@@ -340,7 +335,7 @@ class Service:
         adapter = self.resolve_adapter(body.model)
         prompt = await asyncio.to_thread(self.chat_prompt, body)
         config = self.generation_config(body, self.template_stops)
-        top = (body.top_logprobs or 0) if body.logprobs else 0
+        top = (body.top_logprobs or 0) if body.logprobs else None
         if body.top_logprobs and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         jobs = [(prompt, seeded(config, i)) for i in range(body.n)]
@@ -364,7 +359,7 @@ class Service:
         if body.max_tokens is None and body.max_completion_tokens is None:
             body.max_tokens = 16  # OpenAI's default for completions
         config = self.generation_config(body, [])
-        top = body.logprobs or 0
+        top = body.logprobs
         jobs = [(ids, seeded(config, i)) for ids in encoded for i in range(body.n)]
         if body.stream:
             if len(jobs) != 1:

@@ -47,7 +47,7 @@ class Request:
     emit: Callable[[Event], None]  # called from the engine thread
     adapter: Optional[str] = None
     ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks), as vLLM's extension
-    top_logprobs: int = 0  # how many most likely tokens to report with each chosen one
+    top_logprobs: Optional[int] = None  # None: no log-probs; k: each token's, with the k most likely
     id: int = field(default_factory=itertools.count().__next__)
     # engine-side state
     slot: int = -1
@@ -103,7 +103,7 @@ class Engine:
             raise ValueError(f"token id {bad[0]!r} is not in the vocabulary (0..{self.vocab_size - 1})")
         if request.adapter is not None and (self.adapters is None or request.adapter not in self.adapters.names):
             raise ValueError(f"unknown adapter {request.adapter!r}")
-        if not 0 <= request.top_logprobs <= 20:
+        if request.top_logprobs is not None and not 0 <= request.top_logprobs <= 20:
             raise ValueError(f"top_logprobs must be between 0 and 20, got {request.top_logprobs}")
 
     def submit(self, request: Request) -> Request:

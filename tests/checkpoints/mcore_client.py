@@ -408,9 +408,8 @@ def _write_inputs(tmp_dir: Path, config_dict: dict, tokens) -> tuple[Path, Path]
     return config_path, tokens_path
 
 
-def run_mcore_client(checkpoint_dir, config_dict: dict, tokens, tp: int = 1, tmp_dir=None,
-                     seed: int = 1234) -> torch.Tensor:
-    """Logits [batch, seq, vocab_size] of megatron-core's GPTModel after loading `checkpoint_dir` at TP=`tp`."""
+def _run_client(checkpoint_dir, config_dict, tokens, tp: int, tmp_dir, seed: int, *mode: str) -> torch.Tensor:
+    """Run this script under torchrun on `checkpoint_dir` (in `mode`); the logits it saved."""
     if not MCORE_AVAILABLE:
         raise RuntimeError(MCORE_SKIP_REASON)
     if hasattr(config_dict, "to_dict"):
@@ -420,22 +419,20 @@ def run_mcore_client(checkpoint_dir, config_dict: dict, tokens, tp: int = 1, tmp
         config_path, tokens_path = _write_inputs(work, config_dict, tokens)
         out = work / "mcore_logits.pt"
         launch(["--checkpoint", str(checkpoint_dir), "--config", str(config_path), "--tokens", str(tokens_path),
-                "--out", str(out), "--seed", str(seed)], tp)
+                "--out", str(out), "--seed", str(seed), *mode], tp)
         return torch.load(out, weights_only=True)
+
+
+def run_mcore_client(checkpoint_dir, config_dict: dict, tokens, tp: int = 1, tmp_dir=None,
+                     seed: int = 1234) -> torch.Tensor:
+    """Logits [batch, seq, vocab_size] of megatron-core's GPTModel after loading `checkpoint_dir` at TP=`tp`."""
+    return _run_client(checkpoint_dir, config_dict, tokens, tp, tmp_dir, seed)
 
 
 def save_random_mcore_checkpoint(checkpoint_dir, config_dict: dict, tokens, tp: int = 1, tmp_dir=None,
                                  seed: int = 0) -> torch.Tensor:
     """Write a random mcore GPTModel as a Megatron checkpoint at TP=`tp`; return that model's logits."""
-    if hasattr(config_dict, "to_dict"):
-        config_dict = config_dict.to_dict()
-    with contextlib.ExitStack() as stack:
-        work = Path(tmp_dir) if tmp_dir is not None else Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        config_path, tokens_path = _write_inputs(work, config_dict, tokens)
-        out = work / "mcore_init_logits.pt"
-        launch(["--checkpoint", str(checkpoint_dir), "--config", str(config_path), "--tokens", str(tokens_path),
-                "--out", str(out), "--seed", str(seed), "--save-random-init"], tp)
-        return torch.load(out, weights_only=True)
+    return _run_client(checkpoint_dir, config_dict, tokens, tp, tmp_dir, seed, "--save-random-init")
 
 
 if __name__ == "__main__":

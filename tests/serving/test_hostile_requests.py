@@ -100,7 +100,7 @@ def test_a_non_streaming_client_that_leaves_is_aborted_with_its_whole_group(serv
 
     async def leave():
         with pytest.raises(APIError, match="closed the connection"):
-            await service.run_group(jobs, None, GoneClient(), ignore_eos=True, top=0)
+            await service.run_group(jobs, None, GoneClient(), ignore_eos=True, top=None)
 
     started = time.monotonic()
     asyncio.run(leave())
@@ -142,6 +142,7 @@ def test_logprobs_in_openais_shapes(served):
                                                 "logprobs": 2}).json()["choices"][0]["logprobs"]
     assert len(text["tokens"]) == len(text["token_logprobs"]) == 3 and all(len(t) <= 2 for t in text["top_logprobs"])
     assert client.post("/v1/chat/completions", json={**CHAT, "top_logprobs": 2}).status_code == 400
+    assert client.post("/v1/chat/completions", json=CHAT).json()["choices"][0]["logprobs"] is None
 
 
 def test_metrics_are_prometheus_text(served):

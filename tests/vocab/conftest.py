@@ -9,6 +9,20 @@ DATA = Path(__file__).resolve().parents[2] / "data"
 ZH_CORPUS = DATA / "zh_corpus.txt"
 
 
+def continue_pretraining(model_dir: Path, out: Path, cutoff_len: int, batch_size: int,
+                         learning_rate: str) -> list[float]:
+    """20 steps of full `danlu train --stage pt` on zh_corpus from `model_dir`; the logged losses."""
+    import json
+
+    from danlu.cli.main import main
+
+    assert main(["train", "--stage", "pt", "--model_name_or_path", str(model_dir), "--dataset", "zh_corpus",
+                 "--dataset_dir", str(ZH_CORPUS.parent), "--cutoff_len", str(cutoff_len), "--max_steps", "20",
+                 "--per_device_train_batch_size", str(batch_size), "--learning_rate", learning_rate,
+                 "--logging_steps", "1", "--finetuning_type", "full", "--output_dir", str(out)]) == 0
+    return [r["loss"] for r in map(json.loads, (out / "trainer_log.jsonl").read_text().splitlines()) if "loss" in r]
+
+
 @pytest.fixture(scope="session")
 def zh_lines() -> list[str]:
     from danlu.vocab.text_files import read_corpus

@@ -5,9 +5,8 @@ import pytest
 import torch
 
 from danlu.checkpoints.load import load_pretrained
-from danlu.cli.main import main
 from danlu.vocab import extend_vocabulary
-from tests.vocab.conftest import ZH_CORPUS
+from tests.vocab.conftest import ZH_CORPUS, continue_pretraining
 
 OLD_VOCAB = 259  # 256 bytes and 3 special tokens
 
@@ -73,11 +72,7 @@ def test_continued_pretraining_runs_on_the_extended_model(learned, tmp_path, mon
     monkeypatch.setenv("DANLU_HOME", str(tmp_path / "home"))  # the token cache
     report = learned[0]
     out = tmp_path / "pt"
-    assert main(["train", "--stage", "pt", "--model_name_or_path", str(report.output), "--dataset", "zh_corpus",
-                 "--dataset_dir", str(ZH_CORPUS.parent), "--cutoff_len", "64", "--max_steps", "20",
-                 "--per_device_train_batch_size", "4", "--learning_rate", "3e-3", "--logging_steps", "1",
-                 "--finetuning_type", "full", "--output_dir", str(out)]) == 0
-    losses = [r["loss"] for r in map(json.loads, (out / "trainer_log.jsonl").read_text().splitlines()) if "loss" in r]
+    losses = continue_pretraining(report.output, out, cutoff_len=64, batch_size=4, learning_rate="3e-3")
     print(f"\ntiny model, 20 steps of continued pretraining: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     assert len(losses) == 20 and losses[-1] < losses[0]
     hf = AutoModelForCausalLM.from_pretrained(out)

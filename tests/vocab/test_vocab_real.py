@@ -1,14 +1,12 @@
 """The seed's recipe on the real SmolLM2-135M-Instruct: learn Chinese merges on the bundled corpus, extend the
 byte-level BPE and the (tied) embedding, continue pretraining, load the result in transformers."""
-import json
 
 import pytest
 import torch
 
 from danlu.checkpoints.load import load_pretrained
-from danlu.cli.main import main
 from danlu.vocab import extend_vocabulary
-from tests.vocab.conftest import ZH_CORPUS
+from tests.vocab.conftest import ZH_CORPUS, continue_pretraining
 
 pytestmark = pytest.mark.real
 OLD_VOCAB = 49152
@@ -49,11 +47,7 @@ def test_continued_pretraining_then_transformers_loads_it(real_extended, tmp_pat
     monkeypatch.setenv("DANLU_HOME", str(tmp_path / "home"))  # the token cache
     report, _ = real_extended
     out = tmp_path / "pt"
-    assert main(["train", "--stage", "pt", "--model_name_or_path", str(report.output), "--dataset", "zh_corpus",
-                 "--dataset_dir", str(ZH_CORPUS.parent), "--cutoff_len", "16", "--max_steps", "20",
-                 "--per_device_train_batch_size", "1", "--learning_rate", "1e-4", "--logging_steps", "1",
-                 "--finetuning_type", "full", "--output_dir", str(out)]) == 0
-    losses = [r["loss"] for r in map(json.loads, (out / "trainer_log.jsonl").read_text().splitlines()) if "loss" in r]
+    losses = continue_pretraining(report.output, out, cutoff_len=16, batch_size=1, learning_rate="1e-4")
     print(f"\nSmolLM2 extended, 20 steps of continued pretraining: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     assert len(losses) == 20 and sum(losses[-5:]) < sum(losses[:5])
     tokenizer = AutoTokenizer.from_pretrained(out)
