@@ -194,6 +194,21 @@ def hf_decode(hf, prompts: list[list[int]], new_tokens: int, pad_id: int) -> lis
     return out[:, ids.shape[1]:].tolist()
 
 
+def timed_rounds(engines: dict, new_tokens: int, runs: int) -> tuple[dict, dict]:
+    """A warm-up, then `runs` rounds, each engine once per round in the same order (so background noise hits all
+    alike): every engine's times, and its last run's tokens."""
+    times = {name: [] for name in engines}
+    outputs = {}
+    with torch.inference_mode():
+        for fn in engines.values():
+            fn(min(16, new_tokens))  # warm-up
+        for _ in range(runs):
+            for name, fn in engines.items():
+                seconds, outputs[name] = timed(lambda: fn(new_tokens))
+                times[name].append(seconds)
+    return times, outputs
+
+
 def bench_decode(lm, hf, prompts: list[list[int]], new_tokens: int, runs: int, pad_id: int) -> dict:
     """Greedy tokens/s of both engines; also where their tokens part.
 
@@ -204,15 +219,7 @@ def bench_decode(lm, hf, prompts: list[list[int]], new_tokens: int, runs: int, p
     eos_ids = set(lm.config.eos_token_ids)
     engines = {"danlu": lambda n: danlu_decode(lm, prompts, n),
                "transformers": lambda n: hf_decode(hf, prompts, n, pad_id)}
-    times = {name: [] for name in engines}
-    outputs = {}
-    with torch.inference_mode():
-        for fn in engines.values():
-            fn(min(16, new_tokens))  # warm-up
-        for _ in range(runs):
-            for name, fn in engines.items():
-                seconds, outputs[name] = timed(lambda: fn(new_tokens))
-                times[name].append(seconds)
+    times, outputs = timed_rounds(engines, new_tokens, runs)
     result = {}
     for name, t in times.items():
         generated = sum(len(row) for row in outputs[name])

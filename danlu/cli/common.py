@@ -18,7 +18,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         help=f"a .gguf file, a Hugging Face directory or hub id, or a preset "
                              f"(default: the bundled SmolLM2-135M-Instruct at {bundled_model_path()})")
     parser.add_argument("--dtype", "--infer_dtype", dest="dtype", default="auto",
-                        help="float32 | bfloat16 | float16 | auto (float32 on CPU)")
+                        help="float32 | bfloat16 | float16 | auto (float32 on CPU, bf16 on GPU; with auto a GGUF's "
+                             "Q4_0/Q4_1/Q8_0 weights and a `danlu quantize` checkpoint stay quantized and are "
+                             "computed on directly, unless --adapter is given; a float dtype dequantizes them)")
     parser.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     parser.add_argument("--hub", default=None, choices=["huggingface", "modelscope"],
                         help="where hub ids are downloaded from (default: $DANLU_HUB or huggingface)")
@@ -59,11 +61,16 @@ def sampling_config(args) -> GenerationConfig:
 
 
 def load_from_args(args, show_progress: bool = True):
-    from danlu.checkpoints.load import load_pretrained
+    from danlu.checkpoints.load import default_device, load_pretrained, parse_dtype
 
-    lm = load_pretrained(args.model, dtype=args.dtype, device=args.device, hub=args.hub,
-                         show_progress=show_progress)
-    if getattr(args, "adapter", None):
+    adapter = getattr(args, "adapter", None)
+    dtype = args.dtype
+    if adapter and dtype == "auto":
+        # An adapter was trained on the float weights: with one, "auto" is the device's float dtype (a GGUF is
+        # dequantized), so the answers are the merged model's; without, a GGUF's weights stay quantized.
+        dtype = parse_dtype("auto", args.device or default_device())
+    lm = load_pretrained(args.model, dtype=dtype, device=args.device, hub=args.hub, show_progress=show_progress)
+    if adapter:
         from danlu.tuning.lora import load_adapter, merge_lora
 
         adapters = [a.strip() for a in args.adapter.split(",") if a.strip()]

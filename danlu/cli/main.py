@@ -7,7 +7,8 @@ import sys
 import traceback
 from typing import Optional
 
-from danlu.cli import api, chat, convert, evaluate, export, fetch, generate, model_info, reward, train, vocab, webui
+from danlu.cli import (api, chat, convert, evaluate, export, fetch, generate, model_info, quantize, reward, train, vocab,
+                       webui)
 from danlu.utils.progress import configure_logging
 
 SUBCOMMANDS = {
@@ -20,6 +21,7 @@ SUBCOMMANDS = {
     "eval": evaluate,
     "reward": reward,
     "convert": convert,
+    "quantize": quantize,
     "vocab": vocab,
     "model-info": model_info,
     "fetch-default-model": fetch,
