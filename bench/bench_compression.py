@@ -8,7 +8,8 @@ Rows (all from the bundled Q4_1 GGUF):
   transformers float32   AutoModelForCausalLM.from_pretrained(dir, gguf_file=..., dtype=torch.float32)
   danlu float32 / bf16   danlu.load(gguf, dtype="float32" / "bfloat16")
   danlu int8             the float32 load, then danlu.quantization.transform.quantize(model, "int8")
-  danlu int4 gG          the float32 load, then quantize(model, "int4", group_size=G), symmetric; "asym" asymmetric
+  danlu int4 gG          the float32 load, then quantize(model, "int4", group_size=G): int4's default, a zero point
+                         per group; "sym" symmetric (a scale only)
   danlu GGUF Q4_1        danlu.load(gguf) (dtype "auto"): the file's 4-bit blocks kept and computed on
   llama.cpp              with --llamacpp-python: bench/bench_llamacpp.py in its own virtualenv (decode b1, load)
 quantize() keeps the head at int8 per row whatever the method (its default), so every int8/int4 row has an int8
@@ -89,11 +90,11 @@ METHODS = [
     Method(HF_REFERENCE, engine="transformers"),
     Method(DANLU_REFERENCE, load=True),
     Method("danlu bf16", dtype="bfloat16"),
-    Method("danlu int8", quant=("int8", None, True), kind="int8"),
-    Method("danlu int4 g32", quant=("int4", 32, True), kind="int4"),
-    Method("danlu int4 g32 asym", quant=("int4", 32, False), kind="int4"),
-    Method("danlu int4 g64", quant=("int4", 64, True), kind="int4"),
-    Method("danlu int4 g128", quant=("int4", 128, True), kind="int4"),
+    Method("danlu int8", quant=("int8", None, None), kind="int8"),
+    Method("danlu int4 g32", quant=("int4", 32, None), kind="int4"),  # None: int4's default, a zero point
+    Method("danlu int4 g32 sym", quant=("int4", 32, True), kind="int4"),
+    Method("danlu int4 g64", quant=("int4", 64, None), kind="int4"),
+    Method("danlu int4 g128", quant=("int4", 128, None), kind="int4"),
     Method(GGUF_ROW, dtype="auto", kind="int4", load=True),
     Method(LLAMACPP_ROW, engine="llama.cpp"),
 ]

@@ -522,3 +522,12 @@ def _plan_shards(state: dict[str, torch.Tensor], dtype: torch.dtype, max_shard_b
         size += nbytes
     return shards
 
+
+def writable_family(config: ModelConfig) -> ModelConfig:
+    """transformers' LlamaConfig refuses a head count that does not divide hidden_size, even with head_dim set;
+    Mistral computes the same as a Llama without biases, so a Llama left with fewer heads (pruned, or a DynaBERT
+    sub-network) is labelled Mistral."""
+    biased = config.qkv_bias or config.o_bias or config.mlp_bias
+    if config.architecture == "llama" and config.hidden_size % config.num_attention_heads and not biased:
+        return config.replace(architecture="mistral")
+    return config

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from danlu.checkpoints.hf import writable_family
 from danlu.distillation.students import LAYER_PREFIX, renumbered_layers
 from danlu.models.config import ModelConfig
 from danlu.models.roles import COLUMN, ROW, role_of
@@ -82,19 +83,12 @@ def kept_units(config: ModelConfig, width: float) -> tuple[int, int]:
     return groups, max(1, _round_half_up(width * config.intermediate_size))
 
 
-def _writable_family(config: ModelConfig) -> ModelConfig:
-    biased = config.qkv_bias or config.o_bias or config.mlp_bias
-    if config.architecture == "llama" and config.hidden_size % config.num_attention_heads and not biased:
-        return config.replace(architecture="mistral")
-    return config
-
-
 def sub_config(config: ModelConfig, width: float, depth: float) -> ModelConfig:
     """The configuration of the sub-network at (width, depth); a Llama whose fewer heads transformers' LlamaConfig
     would refuse is labelled Mistral (see extract)."""
     groups, neurons = kept_units(config, width)
     group_size = config.num_attention_heads // config.num_key_value_heads
-    return _writable_family(config.replace(
+    return writable_family(config.replace(
         num_hidden_layers=len(kept_layers(config.num_hidden_layers, depth)),
         num_attention_heads=groups * group_size,
         num_key_value_heads=groups,

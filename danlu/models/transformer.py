@@ -16,6 +16,7 @@ The model is ready for parallelism applied from outside:
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional
 
@@ -430,5 +431,21 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def build_meta_model(config: ModelConfig) -> Transformer:
-    with torch.device("meta"):
+    """The model's structure with no storage (the loaders then assign the checkpoint's tensors)."""
+    with torch.device("meta"), _initialisers_skipped():
         return Transformer(config)
+
+
+@contextmanager
+def _initialisers_skipped():
+    # Modules run their initialisers even on the meta device, where the values are never read; the first
+    # random one there imports torch._dynamo (1.5 s in a fresh process). transformers' no_init_weights, likewise.
+    names = ("normal_", "uniform_", "kaiming_uniform_", "ones_", "zeros_", "trunc_normal_")
+    saved = {name: getattr(nn.init, name) for name in names}
+    for name in names:
+        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(nn.init, name, function)

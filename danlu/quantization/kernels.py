@@ -61,7 +61,9 @@ def pack_for_kernel(weight: QuantizedWeight) -> Optional[KernelWeight]:
         if weight.group_size != weight.in_features or not has_int8_kernel(device):
             return None
         zeros = None if weight.zeros is None else weight.zeros[:, 0]
-        codes = F.pad(weight.codes, (0, (-weight.in_features) % CPU_INT8_COLUMN_MULTIPLE))  # zero codes add nothing
+        codes, pad = weight.codes, (-weight.in_features) % CPU_INT8_COLUMN_MULTIPLE
+        if pad:  # columns of zero codes add nothing; without padding the kernel shares the layer's own codes
+            codes = F.pad(codes, (0, pad))
         return KernelWeight("int8", codes.contiguous(), weight.scales[:, 0].to(KERNEL_DTYPE), zeros, out,
                             codes.shape[1])
     if not has_int4_kernel(device) or weight.codes.shape[1] % 2:
