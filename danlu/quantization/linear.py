@@ -55,7 +55,7 @@ class WeightOnlyLinear(nn.Linear):
         else:
             self.register_parameter("bias", None)
         self._kernel = None
-        self._kernel_key = None
+        self._kernel_stale = True  # the codes changed since the kernel layout was built
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int, group_size: Optional[int] = None,
@@ -91,7 +91,7 @@ class WeightOnlyLinear(nn.Linear):
         self.scales.copy_(weight.scales)
         if self.zeros is not None:
             self.zeros.copy_(weight.zeros)
-        self._kernel_key = None
+        self._kernel_stale = True
 
     def quantized(self) -> QuantizedWeight:
         codes = unpack_int4(self.qweight) if self.bits == 4 else self.qweight
@@ -111,11 +111,15 @@ class WeightOnlyLinear(nn.Linear):
 
     # -- the product --------------------------------------------------------------------------------------
     def _kernel_weight(self):
-        key = (self.qweight.data_ptr(), self.scales.data_ptr(), self.qweight.device)
-        if self._kernel_key != key:
+        # A flag, not a comparison of data pointers: torch.compile traces a flag (and it costs nothing per call).
+        if self._kernel_stale:
             self._kernel = pack_for_kernel(self.quantized())
-            self._kernel_key = key
+            self._kernel_stale = False
         return self._kernel
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._kernel_stale = True
 
     def prepare(self) -> None:
         """Build the kernel layout now rather than on the first forward."""
@@ -172,7 +176,7 @@ class WeightOnlyLinear(nn.Linear):
         probe = fn(torch.zeros((), dtype=self.compute_dtype, device=device))
         if isinstance(probe, torch.Tensor) and probe.is_floating_point():
             self.compute_dtype = probe.dtype
-        self._kernel_key = None
+        self._kernel_stale = True
         return self
 
     def extra_repr(self) -> str:

@@ -108,8 +108,11 @@ def test_training_through_a_quantized_layer_takes_the_reference_path_and_reaches
 def test_state_dict_round_trip_and_weight_assignment():
     layer = WeightOnlyLinear.from_linear(nn.Linear(64, 48), 4, 32, symmetric=False)
     again = WeightOnlyLinear(64, 48, True, 4, 32, symmetric=False)
+    x = torch.randn(2, 64)
+    again(x)  # its kernel layout is built from its own (zero) codes ...
     again.load_state_dict(layer.state_dict())
     assert torch.equal(again.dequantize(), layer.dequantize())
+    assert torch.equal(again(x), layer(x))  # ... and built again from the loaded ones
     assert set(layer.state_dict()) == {"qweight", "scales", "zeros", "bias"}
     assert layer.state_dict()["qweight"].shape == (48, 32)  # int4: two codes a byte
     target = gaussian(48, 64)
