@@ -26,8 +26,9 @@ from gguf import GGUFReader
 from danlu.checkpoints.errors import CheckpointError
 from danlu.checkpoints.hf import DECODER_SWITCHES
 from danlu.models.config import ConfigError, ModelConfig
+from danlu.models.roles import COLUMN, ROW, role_of
 from danlu.models.rope import inverse_frequencies
-from danlu.quantization.ggml_blocks import BLOCK_BYTES, permute_rows, read_blocks
+from danlu.quantization.ggml_blocks import BLOCK_BYTES, read_blocks
 from danlu.quantization.weights import QuantizedWeight
 from danlu.utils.atomic import fsync_path, temporary_sibling
 from danlu.utils.progress import logger, progress
@@ -152,7 +153,7 @@ def _decode(tensor, config: ModelConfig, source: str, keep_blocks: bool = False)
         if keep_blocks and tensor.tensor_type.name in BLOCK_BYTES and _is_linear_weight(name) and len(shape) == 2:
             weight = read_blocks(tensor.data, tensor.tensor_type.name, *shape)
             if heads is not None:
-                weight = permute_rows(weight, torch.from_numpy(_undo_permutation(np.arange(shape[0]), heads)))
+                weight = weight.select_rows(torch.from_numpy(_undo_permutation(np.arange(shape[0]), heads)))
             return name, weight
         if tensor.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
             array = np.array(tensor.data).reshape(shape)  # a copy: the file is memory-mapped read-only
@@ -166,7 +167,8 @@ def _decode(tensor, config: ModelConfig, source: str, keep_blocks: bool = False)
 
 
 def _is_linear_weight(name: str) -> bool:
-    return name.endswith("_proj.weight") or name == "lm_head.weight"
+    module = name.removesuffix(".weight")
+    return role_of(module) in (COLUMN, ROW) or module == "lm_head"
 
 
 def gguf_state_dict(reader, config: ModelConfig, expected: dict[str, torch.Size], dtype: torch.dtype,

@@ -96,11 +96,9 @@ def convert(src, out, dtype: str = "auto", shard_bytes: int = 2 * 1000**3, force
         gguf_format.check_gguf_file_type(gguf_type)
         if megatron is not None:
             raise ValueError(f"{out}: a GGUF file is one file, not a Megatron split; drop the Megatron options")
-        out = check_output_file(out, "OUT")
+        out = check_output_file(out, "OUT", force)
     else:
-        out = check_output_directory(out, "OUT")
-    if out.exists() and not force:
-        raise ValueError(f"{out}: already exists; pass --force to replace it")
+        out = check_output_directory(out, "OUT", force)
     target = source_dtype(Path(src)) if dtype == "auto" else DTYPES.get(dtype)
     if target is None:
         raise ValueError(f"--dtype: unknown {dtype!r}; choose one of {sorted(DTYPES)} or auto")

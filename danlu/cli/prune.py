@@ -62,9 +62,7 @@ def run(args) -> int:
     from danlu.utils.atomic import check_output_directory
 
     check_arguments(args)
-    out = check_output_directory(args.output, "--output")
-    if out.exists() and not args.force:
-        raise ValueError(f"{out}: already exists; pass --force to replace it")
+    out = check_output_directory(args.output, "--output", force=args.force)
     texts = read_calibration_texts(args.calibration) if args.calibration else None
     lm = load_pretrained(args.model, dtype="float32", device="cpu", show_progress=True)
     before = count_parameters(lm.model)

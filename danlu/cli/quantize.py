@@ -43,9 +43,7 @@ def run(args) -> int:
     from danlu.utils.atomic import check_output_directory
 
     check_method(args.method, args.group_size)
-    out = check_output_directory(args.output, "--output")
-    if out.exists() and not args.force:
-        raise ValueError(f"{out}: already exists; pass --force to replace it")
+    out = check_output_directory(args.output, "--output", force=args.force)
     lm = load_pretrained(args.model, dtype="float32", device="cpu", show_progress=True)
     replaced = quantize(lm.model, args.method, args.group_size, symmetric=args.symmetric, head=args.head)
     save_torchao_checkpoint(quantized_state_dict(lm.model), lm.config, out, torch.float32,

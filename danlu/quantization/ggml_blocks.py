@@ -56,10 +56,3 @@ def read_blocks(data: np.ndarray, kind: str, rows: int, columns: int) -> Quantiz
         return QuantizedWeight(_nibbles(blocks[:, :, 2:]), scales, None, 4, BLOCK, columns)
     zeros = _half(blocks, 2) + 8 * scales
     return QuantizedWeight(_nibbles(blocks[:, :, 4:]), scales, zeros, 4, BLOCK, columns)
-
-
-def permute_rows(weight: QuantizedWeight, order: torch.Tensor) -> QuantizedWeight:
-    """The same weight with its output rows in `order` (llama.cpp's q/k row permutation is undone this way)."""
-    zeros = None if weight.zeros is None else weight.zeros[order]
-    return QuantizedWeight(weight.codes[order], weight.scales[order], zeros, weight.bits, weight.group_size,
-                           weight.in_features)

@@ -93,9 +93,16 @@ class WeightOnlyLinear(nn.Linear):
             self.zeros.copy_(weight.zeros)
         self._kernel_stale = True
 
-    def quantized(self) -> QuantizedWeight:
-        codes = unpack_int4(self.qweight) if self.bits == 4 else self.qweight
-        return QuantizedWeight(codes, self.scales, self.zeros, self.bits, self.group_size, self.in_features)
+    def quantized(self, rows: Optional[torch.Tensor] = None) -> QuantizedWeight:
+        """The weight as a QuantizedWeight; with `rows` (1-D indices) only those output rows, gathered before the
+        int4 codes are unpacked (a head's few top rows must not unpack the whole matrix)."""
+        if rows is None:
+            codes = unpack_int4(self.qweight) if self.bits == 4 else self.qweight
+            return QuantizedWeight(codes, self.scales, self.zeros, self.bits, self.group_size, self.in_features)
+        packed = self.qweight[rows]
+        return QuantizedWeight(unpack_int4(packed) if self.bits == 4 else packed, self.scales[rows],
+                               None if self.zeros is None else self.zeros[rows], self.bits, self.group_size,
+                               self.in_features)
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         return self.quantized().dequantize(dtype or self.compute_dtype)
@@ -143,14 +150,7 @@ class WeightOnlyLinear(nn.Linear):
         picks what the dequantized weights pick (the tail, which sampling rarely reaches, keeps the kernel's).
         """
         top = y.topk(min(self.exact_top, self.out_features), dim=-1).indices  # [..., k]
-        rows = self.quantized()
-        codes = rows.codes[top].to(x.dtype)  # [..., k, in'] gathered rows only
-        if self.bits == 4:
-            codes = codes - 8
-        grouped = codes.unflatten(-1, (-1, self.group_size)) * rows.scales[top].to(x.dtype)[..., None]
-        if rows.zeros is not None:
-            grouped = grouped + rows.zeros[top].to(x.dtype)[..., None]
-        weight = grouped.flatten(-2)[..., :self.in_features]
+        weight = self.quantized(top.reshape(-1)).dequantize(x.dtype).view(*top.shape, self.in_features)
         exact = (weight @ x.unsqueeze(-1)).squeeze(-1)
         return y.scatter(-1, top, exact)
 

@@ -65,6 +65,12 @@ class QuantizedWeight:
             weight = weight[:, :self.in_features]
         return weight.to(dtype)
 
+    def select_rows(self, index: torch.Tensor) -> "QuantizedWeight":
+        """The output rows at `index` (1-D), in that order: a subset, or the rows permuted."""
+        zeros = None if self.zeros is None else self.zeros[index]
+        return QuantizedWeight(self.codes[index], self.scales[index], zeros, self.bits, self.group_size,
+                               self.in_features)
+
     def nbytes(self) -> int:
         """Bytes as stored on disk: codes (int4 two to a byte) plus float32 scales and zeros."""
         codes = self.codes.numel() // (2 if self.bits == 4 else 1)

@@ -173,20 +173,24 @@ class OutputNotWritable(ValueError):
     """An output path that a command could not write: checked before any model is loaded."""
 
 
-def check_output_directory(path, name: str) -> Path:
+def check_output_directory(path, name: str, force: Optional[bool] = None) -> Path:
     """Refuse (OutputNotWritable, naming `name` and the path) a directory output that cannot be written: a file
-    is there, or the nearest existing directory on the way to it does not take new files. Creates nothing."""
+    is there, or the nearest existing directory on the way to it does not take new files. Creates nothing.
+    force False: an existing output is refused too (ValueError: pass --force to replace it)."""
     path = Path(path)
+    _check_replace(path, force)
     if path.exists() and not path.is_dir():
         raise OutputNotWritable(f"{name} {path} is a file, not a directory; choose another {name}")
     _check_can_create_in(path.absolute() if path.is_dir() else _nearest_existing_parent(path, name), path, name)
     return path
 
 
-def check_output_file(path, name: str) -> Path:
+def check_output_file(path, name: str, force: Optional[bool] = None) -> Path:
     """Refuse (OutputNotWritable) a file output that cannot be written: a directory is there, the file is not
-    writable, or its directory cannot be created or written to. Creates nothing and leaves a file as it was."""
+    writable, or its directory cannot be created or written to. Creates nothing and leaves a file as it was.
+    force False: an existing output is refused too, as by check_output_directory."""
     path = Path(path)
+    _check_replace(path, force)
     if path.is_dir():
         raise OutputNotWritable(f"{name} {path} is a directory; name a file")
     if path.is_file():
@@ -202,6 +206,11 @@ def check_output_file(path, name: str) -> Path:
         return path
     _check_can_create_in(_nearest_existing_parent(path.parent, name, path), path, name)
     return path
+
+
+def _check_replace(path: Path, force: Optional[bool]) -> None:
+    if force is False and path.exists():
+        raise ValueError(f"{path}: already exists; pass --force to replace it")
 
 
 def _nearest_existing_parent(path: Path, name: str, output: Optional[Path] = None) -> Path:

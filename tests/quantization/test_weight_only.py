@@ -9,7 +9,7 @@ from torch import nn
 
 from danlu.models.config import ModelConfig
 from danlu.models.transformer import Transformer
-from danlu.quantization.ggml_blocks import permute_rows, read_blocks
+from danlu.quantization.ggml_blocks import read_blocks
 from danlu.quantization.kernels import pack_for_kernel
 from danlu.quantization.linear import WeightOnlyLinear
 from danlu.quantization.transform import quantize, quantized_layers, quantized_state_dict
@@ -167,9 +167,10 @@ def test_int8_defaults_to_symmetric_and_int4_to_a_zero_point():
     assert quantized_layers(model)["model.layers.0.mlp.up_proj"].symmetric
 
 
-def test_a_head_recomputes_its_top_logits_exactly():
+@pytest.mark.parametrize("bits,group", [(8, None), (4, 32)])
+def test_a_head_recomputes_its_top_logits_exactly(bits, group):
     torch.manual_seed(1)
-    head = WeightOnlyLinear.from_linear(nn.Linear(576, 4096, bias=False), 8)
+    head = WeightOnlyLinear.from_linear(nn.Linear(576, 4096, bias=False), bits, group)
     x = torch.randn(3, 2, 576) * 4
     head.use_kernel = False
     exact = head(x)
@@ -249,6 +250,6 @@ def test_group_wise_int8_is_rounded_per_row_for_the_kernel_and_rows_permute():
     step = per_row.scales[:, :1]
     assert torch.all((per_row.dequantize() - q8_0.dequantize()).abs() <= step / 2 + 1e-7)
     order = torch.randperm(32)
-    assert torch.equal(permute_rows(q8_0, order).dequantize(), q8_0.dequantize()[order])
+    assert torch.equal(q8_0.select_rows(order).dequantize(), q8_0.dequantize()[order])
     assert kernel_ready(per_row) is per_row
     assert math.isclose(q8_0.nbytes(), 32 * 64 + 4 * 32 * 2)
