@@ -28,11 +28,11 @@ def run(args) -> int:
     train_args = parse_train_arguments(args.argv)
     check_before_loading(train_args)
     result = train_telling_a_lost_process(train, train_args)
+    if not Topology.from_environment().is_main:  # under torchrun the main rank speaks for the run
+        return 0
     if result.state.global_step == 0:
         raise ValueError(f"no optimizer step was taken (num_train_epochs {train_args.num_train_epochs}, max_steps "
                          f"{train_args.max_steps}): what {result.output_dir} holds is untrained")
-    if not Topology.from_environment().is_main:  # under torchrun the main rank speaks for the run
-        return 0
     final = result.train_losses[-1] if result.train_losses else float("nan")
     print(f"trained {result.state.global_step} steps; last loss {final:.4f}"
           + (f"; last eval_loss {result.eval_losses[-1]:.4f}" if result.eval_losses else "")

@@ -26,6 +26,9 @@ from typing import Optional
 from danlu.utils.progress import logger
 
 DIMENSIONS = ("dp", "fsdp", "tp", "pp")
+PARAMETER_SERVER = "ps"  # ps=K: a parameter server (rank 0) and K workers, alone (distributed/parameter_server)
+LOCAL_MODELS = "local"  # local=K: K workers training local models, aggregated every few steps (aggregation.py)
+ALONE = (PARAMETER_SERVER, LOCAL_MODELS)  # layouts that take no other dimension
 ZERO_STAGES = (0, 1, 2, 3)
 PIPELINE_SCHEDULES = ("1f1b", "gpipe")  # torch.distributed.pipelining's Schedule1F1B and ScheduleGPipe
 
@@ -41,17 +44,33 @@ class ParallelLayout:
     tp: int = 1  # tensor parallel
     pp: int = 1  # pipeline parallel
     reshard_after_forward: bool = True  # fsdp: free the gathered parameters after the forward pass (ZeRO-3)
+    ps: int = 0  # > 0: that many parameter-server workers, besides the server; then no other dimension
+    local: int = 0  # > 0: that many workers training local models, aggregated every sync_every steps; alone
 
     def __post_init__(self) -> None:
         for name in DIMENSIONS:
             if getattr(self, name) < 1:
                 raise LayoutError(f"parallel: {name} must be a positive integer, got {getattr(self, name)}")
+        given = [name for name in ALONE if getattr(self, name)]
+        others = [f"{n}={getattr(self, n)}" for n in DIMENSIONS if getattr(self, n) > 1] + [
+            f"{n}={getattr(self, n)}" for n in given[1:]]
+        if given and others:
+            what = {"ps": "a parameter server and its workers", "local": "workers training local models"}
+            raise LayoutError(f"parallel: {given[0]}={getattr(self, given[0])} ({what[given[0]]}) does not combine "
+                              f"with {', '.join(others)}")
 
     @property
     def world_size(self) -> int:
+        if self.ps:
+            return self.ps + 1
+        if self.local:
+            return self.local
         return math.prod(getattr(self, name) for name in DIMENSIONS)
 
     def __str__(self) -> str:
+        for name in ALONE:
+            if getattr(self, name):
+                return f"{name}={getattr(self, name)}"
         return ",".join(f"{name}={getattr(self, name)}" for name in DIMENSIONS)
 
 
@@ -65,8 +84,9 @@ def parse_parallel(text: str) -> dict[str, int]:
         if not eq or not key or not value:
             raise LayoutError(f"parallel: {part!r} in {text!r} is not key=value; expected e.g. "
                               f"dp=2,fsdp=1,tp=1,pp=1")
-        if key not in DIMENSIONS:
-            raise LayoutError(f"parallel: unknown key {key!r} in {text!r}; expected {', '.join(DIMENSIONS)}")
+        if key not in (*DIMENSIONS, *ALONE):
+            raise LayoutError(f"parallel: unknown key {key!r} in {text!r}; expected {', '.join(DIMENSIONS)} "
+                              f"(or alone: ps=K, a parameter server and K workers; local=K, K local models)")
         if key in sizes:
             raise LayoutError(f"parallel: {key} is given twice in {text!r}")
         if not value.isdigit() or int(value) < 1:
@@ -112,6 +132,13 @@ def resolve_layout(parallel: Optional[str], deepspeed: Optional[str], world_size
     if not parallel:
         return ParallelLayout(dp=world_size)
     layout = ParallelLayout(**parse_parallel(parallel))
+    if layout.ps and layout.world_size != world_size:
+        raise LayoutError(f"parallel {parallel!r}: a parameter server and {layout.ps} workers are {layout.world_size} "
+                          f"processes, but the world size (WORLD_SIZE, torchrun's processes) is {world_size}; "
+                          f"run torchrun --nproc_per_node {layout.world_size}")
+    if layout.local and layout.world_size != world_size:
+        raise LayoutError(f"parallel {parallel!r}: {layout.local} local models are {layout.local} processes, but the "
+                          f"world size (WORLD_SIZE, torchrun's processes) is {world_size}")
     if layout.world_size != world_size:
         product = " x ".join(str(getattr(layout, name)) for name in DIMENSIONS)
         raise LayoutError(f"parallel {parallel!r}: dp x fsdp x tp x pp = {product} = {layout.world_size}, but "

@@ -46,14 +46,22 @@ def build_mesh(layout: ParallelLayout, device: torch.device) -> DeviceMesh:
 
 
 @contextmanager
+def process_group(device: torch.device, backend: Optional[str] = None,
+                  timeout_seconds: Optional[int] = None) -> Iterator[None]:
+    """The job's process group inside the block; destroyed on the way out, error or not."""
+    init_process_group(device, backend, timeout_seconds)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@contextmanager
 def distributed(layout: ParallelLayout, device: torch.device, backend: Optional[str] = None,
                 timeout_seconds: Optional[int] = None) -> Iterator[DeviceMesh]:
     """The run's mesh inside the block; the process group is destroyed on the way out, error or not."""
-    init_process_group(device, backend, timeout_seconds)
-    try:
+    with process_group(device, backend, timeout_seconds):
         yield build_mesh(layout, device)
-    finally:
-        dist.destroy_process_group()
 
 
 def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh:

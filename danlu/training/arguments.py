@@ -18,6 +18,9 @@ import yaml
 from danlu.distributed.layout import (PIPELINE_SCHEDULES, LayoutError, ParallelLayout, deepspeed_zero_stage,
                                      parse_parallel, resolve_layout)
 from danlu.distributed.mesh import BACKENDS
+from danlu.distributed.aggregation import AGGREGATIONS
+from danlu.distributed.parameter_server.rules import UPDATE_RULES
+from danlu.training.order import SHUFFLES
 from danlu.training.activation_checkpointing import MODES as ACTIVATION_CHECKPOINTING
 from danlu.utils.progress import logger
 
@@ -152,6 +155,22 @@ class TrainArguments:
     pipeline_schedule: str = "1f1b"  # 1f1b | gpipe
     pipeline_first_stage_layers: Optional[int] = None
     pipeline_last_stage_layers: Optional[int] = None
+    # ps=K: a parameter server and K free-running workers (danlu/distributed/parameter_server): how the server
+    # applies their gradients (ssgd | asgd | dcasgd-c | dcasgd-a), DC-ASGD's lambda (lambda_0 for dcasgd-a) and
+    # mean-square momentum, staleness injected for experiments, and when a silent worker is taken as lost
+    ps_update: str = "asgd"
+    dc_lambda: float = 0.04
+    dc_momentum: float = 0.95
+    ps_delay: int = 0
+    ps_worker_timeout: float = 60.0
+    # local=K: K workers train local models apart and aggregate them every sync_every steps: by parameter
+    # averaging, or by ensemble-compression (the next steps distil each local model towards the workers'
+    # ensemble with the kd loss: kd_alpha, kd_temperature, kd_divergence)
+    sync_every: int = 16
+    aggregate: str = "average"
+    # how the data-parallel workers' shards are drawn each epoch: global (the whole set reshuffled and split
+    # again) or local (split once; each worker reshuffles its own shard)
+    shuffle: str = "global"
     include_num_input_tokens_seen: bool = False
     save_only_model: bool = ignored(False, "checkpoints always keep the optimizer and scheduler state, "
                                            "so that any of them can be resumed")
@@ -311,17 +330,44 @@ class TrainArguments:
         size by `parallel_layout`, once the processes are running)."""
         check_choice("ddp_backend", self.ddp_backend, (None, *BACKENDS))
         check_choice("pipeline_schedule", self.pipeline_schedule, PIPELINE_SCHEDULES)
+        check_choice("ps_update", self.ps_update, UPDATE_RULES)
+        check_choice("aggregate", self.aggregate, AGGREGATIONS)
+        check_choice("shuffle", self.shuffle, SHUFFLES)
+        if self.sync_every < 1:
+            raise ArgumentError(f"sync_every must be a positive number of steps, got {self.sync_every}")
+        if self.dc_lambda < 0:
+            raise ArgumentError(f"dc_lambda must be >= 0, got {self.dc_lambda}")
+        if not 0 <= self.dc_momentum < 1:
+            raise ArgumentError(f"dc_momentum must be in [0, 1), got {self.dc_momentum}")
+        if self.ps_delay < 0:
+            raise ArgumentError(f"ps_delay must be a number of updates >= 0, got {self.ps_delay}")
+        if self.ps_worker_timeout <= 0:
+            raise ArgumentError(f"ps_worker_timeout must be a positive number of seconds, got "
+                                f"{self.ps_worker_timeout}")
         if self.ddp_timeout is not None and self.ddp_timeout <= 0:
             raise ArgumentError(f"ddp_timeout must be a positive number of seconds, got {self.ddp_timeout}")
         try:
             if self.parallel and self.deepspeed:
                 resolve_layout(self.parallel, self.deepspeed, 1)  # names the conflict
-            if self.parallel:
-                parse_parallel(self.parallel)
+            layout = ParallelLayout(**parse_parallel(self.parallel)) if self.parallel else ParallelLayout()
+            if layout.ps or layout.local:
+                self.validate_apart(layout)
             if self.deepspeed:
                 deepspeed_zero_stage(self.deepspeed)
         except LayoutError as e:
             raise ArgumentError(str(e)) from None
+
+    def validate_apart(self, layout: ParallelLayout) -> None:
+        """What a parameter-server run (one gradient per batch, pushed and applied) and local models do not do."""
+        if layout.ps and (self.stage == "ppo" or (self.stage == "kd" and self.kd_lmbda)):
+            what = "ppo" if self.stage == "ppo" else "on-policy distillation (kd_lmbda)"
+            raise ArgumentError(f"parallel {self.parallel}: a parameter-server run pushes one gradient per batch; "
+                                f"{what} takes several steps per rollout and does not run on it")
+        if layout.local and self.aggregate == "ensemble" and self.stage not in ("pt", "sft"):
+            raise ArgumentError(f"parallel {self.parallel}: aggregate ensemble distils the workers' next-token "
+                                f"distributions; it runs stages pt and sft, not {self.stage}")
+        if layout.local and self.stage == "ppo":
+            raise ArgumentError(f"parallel {self.parallel}: local models do not run ppo")
 
     def parallel_layout(self, world_size: int) -> ParallelLayout:
         """The run's layout for `world_size` processes (from parallel, deepspeed, or dp = world_size)."""

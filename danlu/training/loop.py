@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -48,6 +48,7 @@ class FitConfig:
     save_total_limit: Optional[int] = None
     load_best_model_at_end: bool = False
     seed: int = 42
+    shuffle: str = "global"  # global | local (order.shard_order)
     autocast_dtype: Optional[torch.dtype] = None
     resume_from: Optional[Path] = None
     log: Optional[TrainingLog] = field(default=None, repr=False)  # None: trainer_log.jsonl in output_dir
@@ -61,17 +62,18 @@ class FitResult:
 
 
 def fit(model, stage: Stage, optimizer, scheduler, config: FitConfig, topology: Topology = Topology(),
-        pipeline=None) -> FitResult:
+        pipeline=None, after_step: Optional[Callable[[int], None]] = None) -> FitResult:
     """Train `model` on `stage` for config.max_steps optimizer steps (continuing a checkpoint if given).
 
     With a `pipeline` (danlu.distributed.pipeline_parallel.Pipeline) `model` is this rank's stage, and each optimizer
-    step's micro-batches run through the pipeline's schedule instead of one after the other."""
-    run = _Run(model, stage, optimizer, scheduler, config, topology, pipeline)
+    step's micro-batches run through the pipeline's schedule instead of one after the other. `after_step(step)`
+    runs after each optimizer step, before its checkpoint (local models aggregate there)."""
+    run = _Run(model, stage, optimizer, scheduler, config, topology, pipeline, after_step)
     model.train()
     try:
         while run.state.global_step < config.max_steps:
             groups, batches = epoch_plan(len(stage.train), config.seed, run.state.epoch, config.batch_size,
-                                         config.gradient_accumulation_steps, topology)
+                                         config.gradient_accumulation_steps, topology, config.shuffle)
             for group in groups[run.groups_done():]:
                 if run.state.global_step >= config.max_steps:
                     break
@@ -93,12 +95,20 @@ def fit(model, stage: Stage, optimizer, scheduler, config: FitConfig, topology: 
     return run.result
 
 
+def forward_step(stage: Stage, model, batch: dict, device: torch.device,
+                 autocast_dtype: Optional[torch.dtype]) -> StepOutput:
+    """The stage's step on one batch, moved to `device`, under autocast when a dtype is given."""
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        return stage.step(model, batch)
+
+
 class _Run:
     """The state of one fit: what an optimizer step, an evaluation and a checkpoint share."""
 
-    def __init__(self, model, stage, optimizer, scheduler, config, topology, pipeline=None):
+    def __init__(self, model, stage, optimizer, scheduler, config, topology, pipeline=None, after_step=None):
         self.model, self.stage, self.optimizer, self.scheduler = model, stage, optimizer, scheduler
-        self.config, self.topology, self.pipeline = config, topology, pipeline
+        self.config, self.topology, self.pipeline, self.after_step = config, topology, pipeline, after_step
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         # fp16 gradients underflow without loss scaling; bf16 and float32 need none (then a no-op)
         self.scaler = torch.amp.GradScaler(topology.device.type, enabled=config.autocast_dtype == torch.float16)
@@ -120,10 +130,7 @@ class _Run:
         return state.groups_in_epoch
 
     def forward(self, batch: dict) -> StepOutput:
-        batch = {k: v.to(self.topology.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        dtype = self.config.autocast_dtype
-        with torch.autocast(self.topology.device.type, dtype=dtype, enabled=dtype is not None):
-            return self.stage.step(self.model, batch)
+        return forward_step(self.stage, self.model, batch, self.topology.device, self.config.autocast_dtype)
 
     def train_on(self, group: list[list], batches_in_epoch: int) -> None:
         """One accumulation group of examples: one optimizer step on it, or the stage's updates (PPO's rollout
@@ -169,21 +176,30 @@ class _Run:
         outputs, loss_here = self.forward_backward(micro_batches)
         loss, tokens = self.summed_over_ranks(loss_here, sum(out.n_tokens for out in outputs))
         loss /= self.data_parallel_size
-        if not math.isfinite(loss):
-            last = latest_checkpoint(self.config.output_dir) or "none (none saved yet)"
-            raise TrainingStopped(f"the loss became {loss} at step {self.state.global_step + 1}; training "
-                                  f"stopped. The last good checkpoint is {last}")
+        self.check_finite(loss)
         self.scaler.unscale_(self.optimizer)
         self.clip_gradients()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.after_step is not None:
+            self.after_step(self.state.global_step + 1)
+        self.record_step(loss, outputs, int(tokens), epoch)
+
+    def check_finite(self, loss: float) -> None:
+        if not math.isfinite(loss):
+            last = latest_checkpoint(self.config.output_dir) or "none (none saved yet)"
+            raise TrainingStopped(f"the loss became {loss} at step {self.state.global_step + 1}; training "
+                                  f"stopped. The last good checkpoint is {last}")
+
+    def record_step(self, loss: float, outputs: list[StepOutput], tokens: int, epoch: float) -> None:
+        """Count an optimizer step taken: its loss and tokens logged, an evaluation when one is due."""
         state, config = self.state, self.config
         state.global_step += 1
-        state.tokens_seen += int(tokens)
+        state.tokens_seen += tokens
         self.result.train_losses.append(loss)
-        self.log.add_step(loss, outputs, int(tokens))
+        self.log.add_step(loss, outputs, tokens)
         if state.global_step % config.logging_steps == 0 or state.global_step == config.max_steps:
             self.log.write_window(state, self.scheduler.get_last_lr()[0], epoch, self.topology.device)
         if config.eval_strategy == "steps" and state.global_step % config.eval_steps == 0:
@@ -191,8 +207,11 @@ class _Run:
 
     @property
     def data_parallel_size(self) -> int:
-        """The ranks reading different data (dp x fsdp; a tensor-parallel group is one of them)."""
-        return self.topology.data_parallel_size if dist.is_initialized() else 1
+        """The ranks whose losses make one (dp x fsdp; a tensor-parallel group is one of them); 1 when the ranks
+        train local models apart."""
+        if not dist.is_initialized() or self.topology.apart:
+            return 1
+        return self.topology.data_parallel_size
 
     def summed_over_ranks(self, *values: float) -> list[float]:
         """Each value summed over the data-parallel ranks (as it is, in one process)."""

@@ -7,6 +7,9 @@ import random
 from danlu.training.topology import Topology
 
 
+SHUFFLES = ("global", "local")
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     order = list(range(n))
     random.Random(seed * 1000 + epoch).shuffle(order)
@@ -20,10 +23,21 @@ def accumulation_groups(order: list[int], batch_size: int, accumulation: int) ->
     return [g for g in groups if len(g) == accumulation] or groups[:1]
 
 
+def shard_order(n: int, seed: int, epoch: int, topology: Topology, shuffle: str = "global") -> list[int]:
+    """This rank's examples of an epoch, in order. global: the whole set shuffled anew each epoch and split among
+    the data-parallel ranks; local: split once (epoch 0's order), each rank shuffling its own shard per epoch."""
+    if shuffle == "global":
+        return topology.shard(epoch_order(n, seed, epoch))
+    shard = topology.shard(epoch_order(n, seed, 0))
+    if epoch:
+        random.Random((seed * 1000 + epoch) * 1000 + topology.data_parallel_rank).shuffle(shard)
+    return shard
+
+
 def epoch_plan(n_examples: int, seed: int, epoch: int, batch_size: int, accumulation: int,
-               topology: Topology) -> tuple[list[list[list[int]]], int]:
+               topology: Topology, shuffle: str = "global") -> tuple[list[list[list[int]]], int]:
     """This rank's optimizer steps of an epoch, and how many micro-batches the epoch has."""
-    order = topology.shard(epoch_order(n_examples, seed, epoch))
+    order = shard_order(n_examples, seed, epoch, topology, shuffle)
     return accumulation_groups(order, batch_size, accumulation), math.ceil(len(order) / batch_size)
 
 

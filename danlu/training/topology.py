@@ -24,6 +24,8 @@ class Topology:
     data_parallel_size: Optional[int] = None  # how many read different data; None: world_size
     # the process group of the data-parallel ranks this one sums its loss with; None: the default (world) group
     data_parallel_group: Optional[Any] = field(default=None, repr=False, compare=False)
+    # the data-parallel ranks train local models apart (each its own loss and steps; aggregated now and then)
+    apart: bool = False
 
     def __post_init__(self) -> None:
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:

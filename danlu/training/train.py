@@ -57,6 +57,16 @@ def train(args: TrainArguments) -> TrainResult:
     if not topology.is_main:
         logger.setLevel(logging.WARNING)  # the main rank reports the run; the others only their problems
     layout = args.parallel_layout(topology.world_size)
+    if layout.ps:
+        from danlu.training.on_parameter_server import train_on_parameter_server
+
+        resume_from = resume_point(args, Path(args.output_dir), remove_old_outputs=topology.is_main)
+        return train_on_parameter_server(args, topology, resume_from)
+    if layout.local:
+        from danlu.training.local_models import train_local_models
+
+        resume_from = resume_point(args, Path(args.output_dir), remove_old_outputs=topology.is_main)
+        return train_local_models(args, topology, resume_from)
     if layout.pp > 1:
         check_pipeline_run(args, layout)
     if layout.tp > 1 or layout.pp > 1:
@@ -111,24 +121,16 @@ def pipeline_settings(args: TrainArguments, pad_id: int = 0) -> PipelineSettings
 
 
 def train_in(args: TrainArguments, topology: Topology, resume_from: Optional[Path],
-             apply_layout=None) -> TrainResult:
+             apply_layout=None, apart=None) -> TrainResult:
     """The run in this process; `apply_layout(model, pad_id)` (when given) applies the parallel layout, and returns
-    the Pipeline when the layout has pipeline stages."""
+    the Pipeline when the layout has pipeline stages. `apart` (local_models.LocalModels): the workers train local
+    models, which it aggregates."""
     output_dir = Path(args.output_dir)
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    lm = load_pretrained(args.model_name_or_path, dtype="float32", device=topology.device,
-                         show_progress=topology.is_main)
-    if lm.tokenizer is None:
-        raise ArgumentError(f"{lm.source} has no tokenizer; training needs a checkpoint with one")
-    if args.train_from_scratch:
-        lm.model.init_weights()
-    stage = RECIPES[args.stage](lm, args)
+    lm, stage = prepare_run(args, topology)
     model = lm.model
-    apply_finetuning(model, args, stage.trained_modules)
+    if apart is not None:
+        stage = apart.stage(model, stage)
     trainable, total = count_trainable(model)
-    logger.info("trainable params: %d || all params: %d || trainable%%: %.4f", trainable, total,
-                100 * trainable / total)
     pipeline = apply_layout(model, pad_id(lm.tokenizer)) if apply_layout is not None else None
     optimizer = build_optimizer(model, args.optim, args.learning_rate, args.weight_decay,
                                 (args.adam_beta1, args.adam_beta2), args.adam_epsilon, args.sgd_momentum)
@@ -142,7 +144,10 @@ def train_in(args: TrainArguments, topology: Topology, resume_from: Optional[Pat
     log = TrainingLog(output_dir, args.report_to, resume_from is not None, topology.is_main,
                       args.include_num_input_tokens_seen)
     config = fit_config(args, max_steps, resume_from, log, topology, accumulation, stage.updates_per_group)
-    result = fit(model, stage, optimizer, scheduler, config, topology, pipeline)
+    result = fit(model, stage, optimizer, scheduler, config, topology, pipeline,
+                 apart.after_step if apart is not None else None)
+    if apart is not None:
+        apart.finish(result.state.global_step)
     for name in stage.dropped_modules:
         delattr(model, name)
     if pipeline is not None:  # the main rank holds the first stage: it puts the whole model together
@@ -157,6 +162,24 @@ def train_in(args: TrainArguments, topology: Topology, resume_from: Optional[Pat
     return TrainResult(result.state, result.train_losses, result.eval_losses, output_dir, trainable, total)
 
 
+def prepare_run(args: TrainArguments, topology: Topology):
+    """The model (loaded, finetuning method applied) and the stage's recipe: (lm, stage)."""
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    lm = load_pretrained(args.model_name_or_path, dtype="float32", device=topology.device,
+                         show_progress=topology.is_main)
+    if lm.tokenizer is None:
+        raise ArgumentError(f"{lm.source} has no tokenizer; training needs a checkpoint with one")
+    if args.train_from_scratch:
+        lm.model.init_weights()
+    stage = RECIPES[args.stage](lm, args)
+    apply_finetuning(lm.model, args, stage.trained_modules)
+    trainable, total = count_trainable(lm.model)
+    logger.info("trainable params: %d || all params: %d || trainable%%: %.4f", trainable, total,
+                100 * trainable / total)
+    return lm, stage
+
+
 def fit_config(args: TrainArguments, max_steps: int, resume_from, log, topology: Topology, accumulation: int,
                updates_per_group: int = 1) -> FitConfig:
     """`updates_per_group` optimizer steps make one of the user's steps (PPO), so the step counts scale."""
@@ -166,7 +189,7 @@ def fit_config(args: TrainArguments, max_steps: int, resume_from, log, topology:
         max_grad_norm=args.max_grad_norm, logging_steps=args.logging_steps * updates_per_group,
         save_steps=args.save_steps * updates_per_group, eval_strategy=args.eval_strategy,
         eval_steps=args.eval_steps * updates_per_group, save_total_limit=args.save_total_limit,
-        load_best_model_at_end=args.load_best_model_at_end, seed=args.seed,
+        load_best_model_at_end=args.load_best_model_at_end, seed=args.seed, shuffle=args.shuffle,
         autocast_dtype=autocast_dtype(args, topology.device), resume_from=resume_from, log=log)
 
 

@@ -20,18 +20,10 @@ from safetensors.torch import load_file
 from danlu.distributed.layout import LayoutError, ParallelLayout, resolve_layout
 from danlu.training.arguments import ArgumentError, TrainArguments
 from danlu.training.train import train
-from tests.conftest import byte_tokenizer, make_hf_model, save_hf_model
 
 REPO = Path(__file__).resolve().parents[2]
 LOSS_RTOL = 1e-5
 WEIGHT_TOL = dict(atol=1e-5, rtol=1e-4)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    tokenizer = byte_tokenizer()
-    model = make_hf_model("llama", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
-    return save_hf_model(model, tmp_path_factory.mktemp("model"), tokenizer)
 
 
 def settings(model_dir, out, **overrides) -> dict:

@@ -28,12 +28,12 @@ from danlu.models.transformer import Transformer
 from danlu.training.activation_checkpointing import ATTENTION_OPS, MODES, apply_activation_checkpointing
 from danlu.training.arguments import ArgumentError, TrainArguments
 from danlu.tuning.lora import LoRAConfig, apply_lora
-from tests.distributed import test_data_parallel
+from tests.distributed import conftest as distributed_fixtures
 from tests.distributed.test_data_parallel import assert_same_curve, logged_losses, settings, single_process, torchrun
 
 BATCH, SEQ = 2, 32
 CONFIG = get_preset("tiny-llama")
-model_dir = test_data_parallel.model_dir  # the fixture: that module's tiny random Llama with a byte tokenizer
+model_dir = distributed_fixtures.model_dir  # the fixture: a tiny random Llama with a byte tokenizer
 
 
 class Recorder(TorchDispatchMode):

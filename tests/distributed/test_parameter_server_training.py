@@ -1,0 +1,93 @@
+"""`danlu train --parallel ps=K` under torchrun: a parameter server and K workers training a tiny random Llama.
+
+One worker without delay is the one-process run exactly (same logged losses, same weights); two free-running
+workers train, log their staleness, checkpoint and save as any run; bad settings are refused by name."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from danlu.distributed.layout import LayoutError, resolve_layout
+from danlu.training.arguments import ArgumentError, TrainArguments
+from danlu.training.train import train
+from tests.distributed.test_data_parallel import REPO, logged_losses, settings, torchrun
+
+
+def run_single(model_dir, out, **overrides):
+    return train(TrainArguments(**settings(model_dir, out, **overrides)))
+
+
+def test_one_worker_is_the_one_process_run_exactly(model_dir, tmp_path):
+    """DC-ASGD with one worker and no delay: every gradient lands on the weights it was computed at, so the
+    compensation is zero and the server's steps are the one loop's (the in-process tests cover every rule)."""
+    torchrun(settings(model_dir, tmp_path / "ps", parallel="ps=1", ps_update="dcasgd-a", max_steps=6), nproc=2)
+    run_single(model_dir, tmp_path / "single", max_steps=6)
+    assert logged_losses(tmp_path / "ps") == logged_losses(tmp_path / "single")
+    ours, reference = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("ps", "single"))
+    assert ours.keys() == reference.keys()
+    for name in reference:
+        assert torch.equal(ours[name], reference[name]), name
+
+
+def test_two_free_running_workers_train_log_their_delay_and_save(model_dir, tmp_path):
+    out = tmp_path / "ps"
+    torchrun(settings(model_dir, out, parallel="ps=2", ps_update="dcasgd-c", finetuning_type="lora", max_steps=12,
+                      save_steps=6, eval_strategy="steps", eval_steps=6, val_size=0.1), nproc=3)
+    rows = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+    steps = [row for row in rows if "loss" in row]
+    assert [row["step"] for row in steps] == list(range(1, 13))
+    assert all(row["ps_delay"] >= 0 for row in steps) and any(row["ps_delay"] > 0 for row in steps)
+    assert [row["step"] for row in rows if "eval_loss" in row] == [6, 12]
+    assert (out / "checkpoint-6" / "trainer_state.json").is_file() and (out / "checkpoint-12").is_dir()
+    assert (out / "adapter_model.safetensors").is_file()
+    state = json.loads((out / "checkpoint-12" / "trainer_state.json").read_text())
+    assert state["global_step"] == 12
+
+
+def test_a_parameter_server_run_resumes_from_its_checkpoint(model_dir, tmp_path):
+    out = tmp_path / "ps"
+    torchrun(settings(model_dir, out, parallel="ps=1", max_steps=4, save_steps=4), nproc=2)
+    torchrun(settings(model_dir, out, parallel="ps=1", max_steps=8, save_steps=4,
+                      resume_from_checkpoint="latest"), nproc=2)
+    assert [row for row in logged_losses(out, "step")][-1] == 8
+    assert json.loads((out / "checkpoint-8" / "trainer_state.json").read_text())["global_step"] == 8
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(parallel="ps=2,dp=2"), r"parallel: ps=2 \(a parameter server and its workers\) does not combine with dp=2"),
+    (dict(parallel="ps=2", ps_update="dcasgd"), "ps_update"),
+    (dict(parallel="ps=2", dc_lambda=-1.0), "dc_lambda must be >= 0, got -1.0"),
+    (dict(parallel="ps=2", dc_momentum=1.0), r"dc_momentum must be in \[0, 1\), got 1.0"),
+    (dict(parallel="ps=2", ps_delay=-2), "ps_delay must be a number of updates >= 0, got -2"),
+    (dict(parallel="ps=2", ps_worker_timeout=0.0), "ps_worker_timeout must be a positive number of seconds"),
+])
+def test_bad_parameter_server_settings_are_refused_by_name(model_dir, tmp_path, flags, message):
+    with pytest.raises(ArgumentError, match=message):
+        TrainArguments(**settings(model_dir, tmp_path, **flags))
+
+
+def test_a_parameter_server_layout_needs_its_worker_count_plus_one_processes():
+    assert resolve_layout("ps=3", None, 4).world_size == 4
+    with pytest.raises(LayoutError, match="a parameter server and 3 workers are 4 processes, but the world size"):
+        resolve_layout("ps=3", None, 3)
+
+
+def test_ppo_is_refused_on_a_parameter_server(model_dir, tmp_path):
+    with pytest.raises(ArgumentError, match="ppo takes several steps per rollout and does not run on it"):
+        TrainArguments(**settings(model_dir, tmp_path, parallel="ps=1", stage="ppo", reward_model_type="rule"))
+
+
+@pytest.mark.real
+def test_a_parameter_server_lora_run_on_the_bundled_model(tmp_path):
+    """The README's command: LoRA SFT of SmolLM2-135M-Instruct by a server and 2 DC-ASGD workers."""
+    out = tmp_path / "ps"
+    values = dict(dataset="identity,danlu_instruct", dataset_dir=str(REPO / "data"), finetuning_type="lora",
+                  lora_target="all", learning_rate=1e-3, max_steps=8, per_device_train_batch_size=4, cutoff_len=256,
+                  logging_steps=1, save_steps=100, eval_strategy="steps", eval_steps=4, val_size=0.1,
+                  output_dir=str(out), parallel="ps=2", ps_update="dcasgd-c")
+    torchrun(values, nproc=3)
+    evals = logged_losses(out, "eval_loss")
+    assert len(evals) == 2 and evals[-1] < evals[0]
+    assert any(row > 0 for row in logged_losses(out, "ps_delay"))
+    assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
