@@ -52,22 +52,29 @@ def gather_parameters(parameters: Sequence[torch.Tensor], group=None) -> list[li
 class Ensemble(nn.Module):
     """K models of one architecture that differ in their trainable parameters, as one frozen predictor: its
     logits are the log of the mean of the members' softmax distributions (a teacher for the KD loss: at
-    temperature 1 its soft labels are the ensemble's distribution). One copy of the model computes every member,
-    their parameters loaded in turn; without members it has nothing to say (`members` empty)."""
+    temperature 1 its soft labels are the ensemble's distribution). One copy of the model (sharing the frozen
+    parameters) computes every member, their trainable parameters loaded in turn; without members it has nothing
+    to say (`members` empty)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         names = trainable_names(model)
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        # the frozen parameters (a LoRA run's base) are shared with `model`, not copied: only the trained differ
+        shared = {id(p): p for p in model.parameters() if not p.requires_grad}
+        self.model = copy.deepcopy(model, memo=shared).eval().requires_grad_(False)
         own = dict(self.model.named_parameters())
         self.slots = [own[name] for name in names]
         self.members: list[list[torch.Tensor]] = []
 
     def set_members(self, members: list[list[torch.Tensor]]) -> None:
-        for member in members:
+        for index, member in enumerate(members):
             if len(member) != len(self.slots):
-                raise ValueError(f"an ensemble member has {len(member)} parameters; the model trains "
+                raise ValueError(f"ensemble member {index} has {len(member)} parameters; the model trains "
                                  f"{len(self.slots)}")
+            for slot, value in zip(self.slots, member):
+                if value.shape != slot.shape:  # copy_ would broadcast some wrong shapes silently
+                    raise ValueError(f"ensemble member {index}: a parameter of shape {tuple(value.shape)} where "
+                                     f"the model has {tuple(slot.shape)}")
         self.members = members
 
     def train(self, mode: bool = True) -> "Ensemble":

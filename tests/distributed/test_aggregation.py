@@ -60,13 +60,18 @@ def test_the_ensemble_predicts_the_log_of_its_members_mean_distribution():
     assert not any(p.requires_grad for p in ensemble.parameters())
     ensemble.train()
     assert not ensemble.training  # a teacher stays frozen when the loop calls train()
-    # the model it was built from is untouched by the members loaded into its copy
+    # the model it was built from is untouched by the members loaded into its copy; the frozen bias is shared
     assert torch.equal(models[0][2].weight, local_model(0)[2].weight)
+    assert ensemble.model[0].bias is models[0][0].bias and ensemble.model[2].weight is not models[0][2].weight
 
 
 def test_an_ensemble_refuses_members_of_another_shape_and_silence():
     ensemble = Ensemble(local_model(0))
     with pytest.raises(RuntimeError, match="no members yet"):
         ensemble(torch.randn(1, 4))
-    with pytest.raises(ValueError, match="an ensemble member has 1 parameters; the model trains 3"):
+    with pytest.raises(ValueError, match="ensemble member 0 has 1 parameters; the model trains 3"):
         ensemble.set_members([[torch.zeros(3)]])
+    shapes = [p.shape for p in local_model(0).parameters() if p.requires_grad]
+    with pytest.raises(ValueError, match=r"ensemble member 1: a parameter of shape \(4,\) where the model has "
+                                         r"\(8, 4\)"):
+        ensemble.set_members([[torch.zeros(s) for s in shapes], [torch.zeros(4), *map(torch.zeros, shapes[1:])]])

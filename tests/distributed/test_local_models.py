@@ -1,6 +1,7 @@
 """`danlu train --parallel local=K`: workers training local models under torchrun, aggregated by averaging or by
 ensemble-compression; `--shuffle global | local`; bad settings refused by name."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from danlu.distributed.layout import LayoutError, resolve_layout
 from danlu.training.arguments import ArgumentError, TrainArguments
 from danlu.training.order import shard_order
 from danlu.training.topology import Topology
-from tests.distributed.test_data_parallel import logged_losses, settings, torchrun
+from tests.distributed.test_data_parallel import settings, torchrun
 
 
 def pretraining(model_dir, out, **overrides) -> dict:
@@ -30,23 +31,24 @@ def test_averaging_after_every_sgd_step_is_data_parallel_sgd(model_dir, tmp_path
         torch.testing.assert_close(ours[name], reference[name], atol=1e-6, rtol=1e-5)
 
 
-def test_ensemble_compression_distils_from_the_ensemble_after_each_aggregation(model_dir, tmp_path):
+def test_ensemble_compression_distils_from_the_ensemble_after_each_aggregation_and_resumes(model_dir, tmp_path):
+    """Steps 1-3 learn from the labels, 4-6 from the labels and the ensemble gathered at step 3; a run resumed
+    from checkpoint-3 starts with an empty ensemble again (until its step 6), then distils."""
     out = tmp_path / "ensemble"
-    torchrun(pretraining(model_dir, out, parallel="local=2", aggregate="ensemble", sync_every=3, kd_alpha=0.5,
-                         save_steps=3), nproc=2)
+    flags = dict(parallel="local=2", aggregate="ensemble", sync_every=3, kd_alpha=0.5, save_steps=3)
+    torchrun(pretraining(model_dir, out, **flags), nproc=2)
     rows = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
     steps = [row for row in rows if "loss" in row]
     assert len(steps) == 6
     assert all("kd_soft" not in row for row in steps[:3]) and all("kd_soft" in row for row in steps[3:])
     assert (out / "checkpoint-3").is_dir() and (out / "model.safetensors").is_file()
-
-
-def test_averaged_local_models_train_and_resume(model_dir, tmp_path):
-    out = tmp_path / "average"
-    torchrun(pretraining(model_dir, out, parallel="local=2", sync_every=2, max_steps=4, save_steps=2), nproc=2)
-    torchrun(pretraining(model_dir, out, parallel="local=2", sync_every=2, max_steps=6, save_steps=2,
-                         resume_from_checkpoint="latest"), nproc=2)
-    assert logged_losses(out, "step")[-1] == 6 and (out / "checkpoint-6").is_dir()
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(out / "checkpoint-3", resumed / "checkpoint-3")
+    torchrun(pretraining(model_dir, resumed, max_steps=9, resume_from_checkpoint="latest", **flags), nproc=2)
+    rows = [json.loads(line) for line in (resumed / "trainer_log.jsonl").read_text().splitlines()]
+    assert [("kd_soft" in row) for row in rows if "loss" in row] == [False, False, False, True, True, True]
+    assert json.loads((resumed / "checkpoint-9" / "trainer_state.json").read_text())["global_step"] == 9
 
 
 @pytest.mark.parametrize("shuffle", ["global", "local"])

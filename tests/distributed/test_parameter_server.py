@@ -203,9 +203,12 @@ def endless_batches(worker: int):
 
 
 def slow_step(model, batch):
-    """A gradient that takes a while, so that the workers overlap (and can be killed mid-run)."""
-    if os.environ.get("KILL_AFTER") and int(os.environ["KILL_AFTER"]) == next(_calls):
+    """A gradient that takes a while, so that the workers overlap (and can be killed, or fail, mid-run)."""
+    call = next(_calls)
+    if os.environ.get("KILL_AFTER") and int(os.environ["KILL_AFTER"]) == call:
         os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get("FAIL_AFTER") and int(os.environ["FAIL_AFTER"]) == call:
+        raise ValueError("a batch this worker cannot take")
     time.sleep(0.005)
     return mse_step(model, batch)
 
@@ -213,9 +216,9 @@ def slow_step(model, batch):
 _calls = iter(range(1, 10 ** 9))
 
 
-def ps_process(rank, world_size, rule, updates, out, kill_rank=None, worker_timeout=60.0):
+def ps_process(rank, world_size, rule, updates, out, kill_rank=None, worker_timeout=60.0, how="KILL_AFTER"):
     if rank == kill_rank:
-        os.environ["KILL_AFTER"] = "10"
+        os.environ[how] = "10"
     model = tiny_model()
     settings = ServerSettings(max_updates=updates, rule=rule, worker_timeout=worker_timeout)
     server = run_parameter_server(rank, world_size, model, settings,
@@ -254,12 +257,18 @@ def test_one_worker_over_rpc_is_sequential_sgd(tmp_path):
     assert record["weights"] == [p.detach().flatten().tolist() for p in expected.parameters()]
 
 
-@pytest.mark.parametrize("rule", ["asgd", "ssgd"])
-def test_a_worker_killed_mid_run_leaves_the_others_to_finish(tmp_path, rule):
-    codes, record = run_ps(tmp_path, rule, 3, 300, kill_rank=2, worker_timeout=3.0)
+def test_a_worker_killed_mid_run_leaves_the_others_to_finish(tmp_path):
     """Worker 1 (rank 2) is SIGKILLed at its 10th gradient: the server takes it as lost after the timeout, and the
-    other two carry the run to its last update (a synchronous round then waits for the living only)."""
-    codes, record = run_ps(tmp_path, rule, 3, 150, kill_rank=2, worker_timeout=2.0)
+    other two carry the run to its last update (each synchronous round then waits for the living only)."""
+    codes, record = run_ps(tmp_path, "ssgd", 3, 150, kill_rank=2, worker_timeout=2.0)
     assert codes[2] == -signal.SIGKILL and codes[:2] + codes[3:] == [0, 0, 0]
     assert record["updates"] == 150 and record["lost"] == [1]
     assert record["workers"].count(1) < 10 and set(record["workers"][-20:]) == {0, 2}
+
+
+def test_a_worker_whose_step_raises_is_lost_at_once(tmp_path):
+    """It tells the server before it exits: the others finish without waiting out ps_worker_timeout (600 s here,
+    longer than the test's own limit)."""
+    codes, record = run_ps(tmp_path, "ssgd", 3, 60, kill_rank=2, worker_timeout=600.0, how="FAIL_AFTER")
+    assert codes[2] == 1 and codes[:2] + codes[3:] == [0, 0, 0]
+    assert record["updates"] == 60 and record["lost"] == [1]

@@ -69,3 +69,7 @@ def remote_heartbeat(worker: int) -> None:
 
 def remote_finish(worker: int) -> None:
     _reach().finish(worker)
+
+
+def remote_fail(worker: int, reason: str) -> None:
+    _reach().fail(worker, reason)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from typing import Callable, Optional
 
 import torch.multiprocessing as mp
@@ -26,17 +27,18 @@ def _enter(target: Callable, rank: int, world_size: int, port: int, args: tuple)
 
 
 def run_locally(target: Callable, world_size: int, args: tuple = (), timeout: Optional[float] = None) -> list:
-    """Run `target` in `world_size` processes; their exit codes (None for one still running after `timeout`
-    seconds, which is then killed)."""
+    """Run `target` in `world_size` processes; their exit codes (None for one still running `timeout` seconds
+    after the start, which is then killed)."""
     context = mp.get_context("spawn")
     port = free_port()
     processes = [context.Process(target=_enter, args=(target, rank, world_size, port, args))
                  for rank in range(world_size)]
     for process in processes:
         process.start()
+    deadline = None if timeout is None else time.monotonic() + timeout
     codes = []
     for process in processes:
-        process.join(timeout)
+        process.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         if process.is_alive():
             process.kill()
             process.join()

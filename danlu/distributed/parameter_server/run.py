@@ -65,6 +65,7 @@ def run_parameter_server(rank: int, world_size: int, model: torch.nn.Module, set
         if prepare_server is not None:
             prepare_server(server)
         with serving(server), rpc_group(rank, world_size, settings.rpc_timeout):
+            server.start_clock()
             server.wait()
         return server
     stream = batches(rank - 1)

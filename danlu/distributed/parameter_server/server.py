@@ -110,6 +110,18 @@ class ParameterServer:
             self.finished.add(worker)
             self.lock.notify_all()
 
+    def fail(self, worker: int, reason: str) -> None:
+        """Worker `worker` cannot go on (its step raised): lost at once, not after worker_timeout."""
+        with self.lock:
+            self.heard_from(worker)
+            self.lose(worker, f"failed: {reason}")
+
+    def start_clock(self) -> None:
+        """The run starts now (every process has joined): seconds and silences count from here."""
+        with self.lock:
+            self.started = time.monotonic()
+            self.last_heard = {m: self.started for m in range(self.workers)}
+
     # --- the server's own thread ---
 
     def wait(self, poll_seconds: float = 0.5) -> list[Push]:
@@ -150,17 +162,21 @@ class ParameterServer:
         for worker in sorted(self.living):
             silent = now - self.last_heard[worker]
             if silent > self.worker_timeout:
-                self.lost.add(worker)
-                self.backups.pop(worker, None)
-                others = self.workers - len(self.lost)
-                logger.warning("parameter server: worker %d not heard from for %.0f s (ps_worker_timeout %g): "
-                               "taken as lost; going on with the %d other%s", worker, silent, self.worker_timeout,
-                               others, "" if others == 1 else "s")
-                if not self.living and not self.done_updating:
-                    self.error = RuntimeError(f"parameter server: every worker is lost after {self.version} of "
-                                              f"{self.max_updates} updates; the run cannot finish")
+                self.lose(worker, f"not heard from for {silent:.0f} s (ps_worker_timeout {self.worker_timeout:g})")
+
+    def lose(self, worker: int, why: str) -> None:
+        self.lost.add(worker)
+        self.backups.pop(worker, None)
+        self.round.pop(worker, None)
+        others = self.workers - len(self.lost)
+        logger.warning("parameter server: worker %d %s: taken as lost; going on with the %d other%s", worker, why,
+                       others, "" if others == 1 else "s")
+        if not self.living and not self.done_updating:
+            self.error = RuntimeError(f"parameter server: every worker is lost after {self.version} of "
+                                      f"{self.max_updates} updates; the run cannot finish")
         if self.round and set(self.round) >= self.living:
             self.close_round()
+        self.lock.notify_all()
 
     def weights_to_hand_out(self) -> tuple[int, list[torch.Tensor]]:
         if self.delay:  # the oldest kept: `delay` updates ago, once that many were applied

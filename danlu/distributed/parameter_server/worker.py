@@ -11,8 +11,8 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed.rpc as rpc
 
-from danlu.distributed.parameter_server.group import (SERVER_NAME, remote_finish, remote_heartbeat, remote_pull,
-                                                      remote_push)
+from danlu.distributed.parameter_server.group import (SERVER_NAME, remote_fail, remote_finish, remote_heartbeat,
+                                                      remote_pull, remote_push)
 
 # Computes the gradient of the worker's next batch into the parameters' .grad; returns (loss, tokens seen).
 Gradient = Callable[[], tuple[float, int]]
@@ -42,6 +42,9 @@ def work(worker: int, parameters: Sequence[torch.nn.Parameter], gradient: Gradie
             pushed += 1
             if not rpc.rpc_sync(SERVER_NAME, remote_push, args=(worker, grads, version, loss, n_tokens)):
                 break
+    except Exception as e:  # tell the server at once, so that it does not wait out ps_worker_timeout
+        _tell_failure(worker, e)
+        raise
     finally:
         stop_beating.set()
         beating.join()
@@ -51,6 +54,13 @@ def work(worker: int, parameters: Sequence[torch.nn.Parameter], gradient: Gradie
         # the server stops once it has every living worker's finish, and may be gone before its reply reaches us
         pass
     return pushed
+
+
+def _tell_failure(worker: int, error: Exception) -> None:
+    try:
+        rpc.rpc_sync(SERVER_NAME, remote_fail, args=(worker, f"{type(error).__name__}: {error}"[:500]), timeout=10)
+    except RuntimeError:
+        pass  # the server is gone too (or the error was the server's own, reported by the call that failed)
 
 
 def _beat(worker: int, every: float, stop: threading.Event) -> None:
