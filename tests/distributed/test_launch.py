@@ -24,11 +24,9 @@ from danlu.training.arguments import ArgumentError, TrainArguments
 from danlu.training.checkpoint import latest_checkpoint
 from danlu.training.train import TORCHRUN_NOTES, resume_point
 from danlu.utils.progress import logger
-from tests.distributed import test_data_parallel
 from tests.distributed.test_data_parallel import (REPO, assert_same_curve, assert_same_weights, logged_losses,
                                                   settings, single_process, torchrun, torchrun_command)
 
-model_dir = test_data_parallel.model_dir  # the fixture: that module's tiny random Llama with a byte tokenizer
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 STEPS = 60  # long enough that the run is still going when the test kills a rank after checkpoint-10
 GLOO_RESET = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:11656: "
