@@ -16,7 +16,7 @@ from danlu.data.dataset import validation_count
 from danlu.data.files import DataError, read_records
 from danlu.data.formats import find_spec, load_dataset_info
 from danlu.data.supervised import Tokenized
-from danlu.utils.atomic import atomic_write_text
+from danlu.utils.atomic import atomic_write_text, temporary_sibling
 from danlu.utils.progress import logger, progress
 
 
@@ -55,7 +55,9 @@ def build_token_cache(tokenizer, sources: list[tuple[Path, str]], cache_dir: Pat
         logger.info("reusing the token cache %s (%d tokens)", data_path, meta["tokens"])
         return np.memmap(data_path, dtype=meta["dtype"], mode="r", shape=(meta["tokens"],))
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    partial = data_path.with_suffix(".bin.part")
+    # a name of this process's own: the ranks of a distributed run may build the same cache at once, and each
+    # then renames its own complete file into place (the same bytes)
+    partial = temporary_sibling(data_path)
     total = 0
     eos = tokenizer.eos_token_id
     bar = progress(desc="Tokenizing", unit="doc")

@@ -36,6 +36,7 @@ from danlu.utils.progress import logger
 
 STATE_NAME = "trainer_state.json"
 TRAINABLE_NAME = "trainable.safetensors"
+EXTRA_STATE_NAME = "extra_state.safetensors"  # tensors of a run's own (DC-ASGD's mean square), when it has any
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)$")
 
 
@@ -160,7 +161,8 @@ def load_best(model: torch.nn.Module, output_dir: Path, state: TrainerState, pip
 
 
 def save_checkpoint(output_dir: Path, state: TrainerState, model: torch.nn.Module, optimizer, scheduler,
-                    save_total_limit: Optional[int] = None, topology=None, pipeline=None) -> Path:
+                    save_total_limit: Optional[int] = None, topology=None, pipeline=None,
+                    extra_state: Optional[dict[str, torch.Tensor]] = None) -> Path:
     """checkpoint-N in output_dir, complete or absent; only the main rank writes. Under pipeline parallel the
     trainable weights of every stage are gathered whole (named as one process names them), and the optimizer
     state is kept per stage (a resume needs the same stages)."""
@@ -178,6 +180,8 @@ def save_checkpoint(output_dir: Path, state: TrainerState, model: torch.nn.Modul
         return target
     with atomic_directory(target) as tmp:
         save_file({k: v.contiguous().cpu() for k, v in weights.items()}, str(tmp / TRAINABLE_NAME))
+        if extra_state:
+            save_file({k: v.contiguous().cpu() for k, v in extra_state.items()}, str(tmp / EXTRA_STATE_NAME))
         torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                     "optimizer_class": type(optimizer).__name__}, tmp / "optimizer.pt")
         torch.save(rng_state(), tmp / "rng_state.pt")
@@ -211,6 +215,14 @@ def load_checkpoint(directory: Path, model: torch.nn.Module, optimizer, schedule
     set_rng_state(torch.load(directory / "rng_state.pt", weights_only=True))
     logger.info("resumed from %s at step %d", directory, state.global_step)
     return state
+
+
+def load_extra_state(directory: Path) -> dict[str, torch.Tensor]:
+    """The run's own tensors saved beside a checkpoint's weights (empty when it saved none)."""
+    from safetensors.torch import load_file
+
+    path = Path(directory) / EXTRA_STATE_NAME
+    return load_file(str(path)) if path.is_file() else {}
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:

@@ -109,6 +109,7 @@ class _Run:
     def __init__(self, model, stage, optimizer, scheduler, config, topology, pipeline=None, after_step=None):
         self.model, self.stage, self.optimizer, self.scheduler = model, stage, optimizer, scheduler
         self.config, self.topology, self.pipeline, self.after_step = config, topology, pipeline, after_step
+        self.extra_state: Optional[Callable[[], dict]] = None  # more tensors for each checkpoint (a run's own)
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         # fp16 gradients underflow without loss scaling; bf16 and float32 need none (then a no-op)
         self.scaler = torch.amp.GradScaler(topology.device.type, enabled=config.autocast_dtype == torch.float16)
@@ -245,5 +246,6 @@ class _Run:
             self.save()
 
     def save(self) -> Path:
+        extra = self.extra_state() if self.extra_state is not None else None
         return save_checkpoint(self.config.output_dir, self.state, self.model, self.optimizer, self.scheduler,
-                               self.config.save_total_limit, self.topology, self.pipeline)
+                               self.config.save_total_limit, self.topology, self.pipeline, extra)

@@ -8,8 +8,10 @@ epoch's order (m of K) and pushes one gradient per accumulation group, computed 
 
 A step is one server update: one worker's group under asgd and dcasgd, one averaged round of every worker's
 under ssgd; num_train_epochs counts them accordingly. An asynchronous run is not replayed exactly on resume: the
-weights, optimizer, scheduler and step count are restored, the workers start their data order afresh from the
-resumed epoch, and DC-ASGD's per-worker backups (and dcasgd-a's mean square) start anew.
+weights, optimizer, scheduler, step count and dcasgd-a's mean square are restored, each worker goes on with the
+group after the last one the server had applied from it (a gradient in flight at the save is computed again),
+and DC-ASGD's per-worker backups are set by the workers' next pulls. With one worker the resumed run is the run
+that did not stop; with several, the interleaving of their pushes differs.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import torch
 from danlu.distributed.parameter_server.run import ServerSettings, run_parameter_server
 from danlu.distributed.parameter_server.server import ParameterServer, Push
 from danlu.training.arguments import TrainArguments
+from danlu.training.checkpoint import load_extra_state
 from danlu.training.finetuning import save_final
 from danlu.training.logs import TrainingLog
 from danlu.training.loop import _Run, forward_step
@@ -61,7 +64,8 @@ def train_on_parameter_server(args: TrainArguments, topology: Topology, resume_f
         bookkeeping = ServerBookkeeping(run, len(stage.train), examples_per_push)
         try:
             server = run_parameter_server(0, topology.world_size, model, settings, lambda m: (optimizer, scheduler),
-                                          None, None, on_update=bookkeeping, version=run.state.global_step)
+                                          None, None, on_update=bookkeeping, version=run.state.global_step,
+                                          prepare_server=lambda server: keep_server_state(server, run, resume_from))
         except KeyboardInterrupt:
             logger.info("interrupted: saved %s; resume with --resume_from_checkpoint latest", run.save())
             raise
@@ -76,7 +80,7 @@ def train_on_parameter_server(args: TrainArguments, topology: Topology, resume_f
                            total)
     config = fit_config(args, max_steps, None, None, topology, args.gradient_accumulation_steps)
     autocast = config.autocast_dtype
-    first_epoch = first_epoch_of(resume_from)
+    consumed = groups_consumed(resume_from, topology.rank - 1)
 
     def gradient_of(model, group: list[list]) -> tuple[float, int]:
         loss, tokens = 0.0, 0
@@ -87,8 +91,32 @@ def train_on_parameter_server(args: TrainArguments, topology: Topology, resume_f
         return loss, tokens
 
     run_parameter_server(topology.rank, topology.world_size, model, settings, None,
-                         lambda m: worker_groups(stage, args, m, workers, first_epoch), gradient_of)
+                         lambda m: worker_groups(stage, args, m, workers, consumed), gradient_of)
     return TrainResult(None, output_dir=Path(args.output_dir), trainable_parameters=trainable, all_parameters=total)
+
+
+APPLIED_FROM = "ps.applied_from"  # the extra state's count of gradients applied from each worker
+
+
+def keep_server_state(server: ParameterServer, run: _Run, resume_from: Optional[Path]) -> None:
+    """Into every checkpoint: how many gradients each worker had applied (a resumed worker goes on with its next
+    group) and dcasgd-a's mean square; back from the checkpoint on resume. DC-ASGD's per-worker backups are not
+    kept: they belong to gradients in flight, and a worker's next pull sets them."""
+    def state() -> dict:
+        extra = {APPLIED_FROM: torch.tensor(server.applied_from, dtype=torch.int64)}
+        if server.compensation is not None:
+            extra.update(server.compensation.state_dict())
+        return extra
+
+    run.extra_state = state
+    if resume_from is None:
+        return
+    saved = load_extra_state(resume_from)
+    if APPLIED_FROM in saved and len(saved[APPLIED_FROM]) == server.workers:
+        server.applied_from = [int(n) for n in saved.pop(APPLIED_FROM)]
+    saved.pop(APPLIED_FROM, None)
+    if server.compensation is not None:
+        server.compensation.load_state_dict(saved)
 
 
 def server_updates(args: TrainArguments, n_examples: int, workers: int) -> int:
@@ -101,26 +129,27 @@ def server_updates(args: TrainArguments, n_examples: int, workers: int) -> int:
     return per_worker if args.ps_update == "ssgd" else per_worker * workers
 
 
-def first_epoch_of(resume_from: Optional[Path]) -> int:
-    """The epoch a resumed run's workers start reading at (0 for a fresh run)."""
+def groups_consumed(resume_from: Optional[Path], worker: int) -> int:
+    """How many of its accumulation groups worker `worker` had had applied when the checkpoint was saved (0 for a
+    fresh run): a resumed worker goes on with the next."""
     if resume_from is None:
         return 0
-    import json
-
-    from danlu.training.checkpoint import STATE_NAME
-
-    state = json.loads((Path(resume_from) / STATE_NAME).read_text(encoding="utf-8"))
-    return int(state.get("epoch", 0))
+    applied = load_extra_state(resume_from).get(APPLIED_FROM)
+    return 0 if applied is None or worker >= len(applied) else int(applied[worker])
 
 
-def worker_groups(stage: Stage, args: TrainArguments, worker: int, workers: int, first_epoch: int) -> Iterator:
-    """Worker `worker`'s accumulation groups of examples, epoch after epoch, without end."""
+def worker_groups(stage: Stage, args: TrainArguments, worker: int, workers: int, skip: int = 0) -> Iterator:
+    """Worker `worker`'s accumulation groups of examples, epoch after epoch, without end (after the first `skip`)."""
     shard = Topology(rank=worker, world_size=workers)
-    for epoch in itertools.count(first_epoch):
+    for epoch in itertools.count():
         groups, _ = epoch_plan(len(stage.train), args.seed, epoch, args.per_device_train_batch_size,
                                args.gradient_accumulation_steps, shard, args.shuffle)
-        for group in groups:
+        if skip >= len(groups):
+            skip -= len(groups)
+            continue
+        for group in groups[skip:]:
             yield [[stage.train[i] for i in batch] for batch in group]
+        skip = 0
 
 
 class ServerBookkeeping:
@@ -129,7 +158,7 @@ class ServerBookkeeping:
 
     def __init__(self, run: _Run, n_examples: int, examples_per_push: int):
         self.run, self.n_examples, self.examples_per_push = run, n_examples, examples_per_push
-        self.first_epoch = run.state.epoch  # a resumed run's workers start there
+        self.first_epoch = run.state.epoch
         self.pushed = 0
 
     def __call__(self, version: int, pushes: list[Push]) -> None:

@@ -99,3 +99,35 @@ def test_unknown_dataset_and_empty_result(real_tokenizer, tmp_path):
     write(tmp_path / "l.json", [{"instruction": "word " * 300, "output": "x"}])
     with pytest.raises(DataError, match="no training examples left .*1 dropped"):
         prepare_sft_data(real_tokenizer, str(tmp_path), ["long"], None, 64)
+
+
+def test_processes_building_one_token_cache_at_once_all_get_it(tmp_path):
+    """The ranks of a distributed pt run build the same cache at the same time: each writes a file of its own and
+    renames it into place (one shared `.part` name made the second rename fail)."""
+    import threading
+
+    import numpy as np
+
+    from danlu.data.pretrain import build_token_cache
+    from tests.conftest import byte_tokenizer
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"document {i} " * 50}) + "\n" for i in range(200)))
+    tokenizer = byte_tokenizer()  # built once: transformers' lazy imports are not thread-safe
+    results, errors = [], []
+
+    def build():
+        try:
+            results.append(np.asarray(build_token_cache(tokenizer, [(corpus, "text")], tmp_path / "cache")))
+        except Exception as e:  # noqa: BLE001 - the test reports whatever a builder raised
+            errors.append(e)
+
+    threads = [threading.Thread(target=build) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 4
+    assert all(np.array_equal(r, results[0]) for r in results)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted(
+        [p.name for p in (tmp_path / "cache").glob("*.bin")] + [p.name for p in (tmp_path / "cache").glob("*.json")])

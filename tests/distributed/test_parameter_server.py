@@ -75,6 +75,15 @@ def test_adaptive_lambda_follows_the_mean_square_of_the_gradients():
     assert DelayCompensation("dcasgd-c", LAMBDA).strength(0, g1) == LAMBDA
 
 
+def test_the_adaptive_rules_mean_square_survives_its_state_dict():
+    rule, copy_of_it = DelayCompensation("dcasgd-a", LAMBDA, MOMENTUM), DelayCompensation("dcasgd-a", LAMBDA, MOMENTUM)
+    for g in (torch.tensor([1.0, -2.0]), torch.tensor([0.5, 4.0])):
+        rule.strength(1, g)
+    copy_of_it.load_state_dict(rule.state_dict())
+    g = torch.tensor([3.0, 0.25])
+    torch.testing.assert_close(copy_of_it.strength(1, g), rule.strength(1, g), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("rule", ["dcasgd-c", "dcasgd-a"])
 def test_a_delayed_gradient_is_compensated_by_the_weights_moved_since_its_pull(rule):
     """Workers 0 and 1 pull w0; 1 pushes first (w1 = w0 - eta g1, no delay); 0's gradient, computed at w0, lands

@@ -46,12 +46,22 @@ def test_two_free_running_workers_train_log_their_delay_and_save(model_dir, tmp_
 
 
 def test_a_parameter_server_run_resumes_from_its_checkpoint(model_dir, tmp_path):
+    """The worker's place in its data and dcasgd-a's mean square are saved with the checkpoint and carried on: the
+    resumed run's losses and mean square are those of the run that did not stop (one worker, no delay, a constant
+    learning rate: the same gradients in the same order)."""
+    flags = dict(parallel="ps=1", ps_update="dcasgd-a", save_steps=4, lr_scheduler_type="constant")
+    torchrun(settings(model_dir, tmp_path / "whole", max_steps=8, **flags), nproc=2)
     out = tmp_path / "ps"
-    torchrun(settings(model_dir, out, parallel="ps=1", max_steps=4, save_steps=4), nproc=2)
-    torchrun(settings(model_dir, out, parallel="ps=1", max_steps=8, save_steps=4,
-                      resume_from_checkpoint="latest"), nproc=2)
-    assert [row for row in logged_losses(out, "step")][-1] == 8
+    torchrun(settings(model_dir, out, max_steps=4, **flags), nproc=2)
+    first = load_file(str(out / "checkpoint-4" / "extra_state.safetensors"))
+    assert first.pop("ps.applied_from").tolist() == [4] and first and all(k.startswith("mean_square.") for k in first)
+    torchrun(settings(model_dir, out, max_steps=8, resume_from_checkpoint="latest", **flags), nproc=2)
+    assert logged_losses(out) == logged_losses(tmp_path / "whole")
     assert json.loads((out / "checkpoint-8" / "trainer_state.json").read_text())["global_step"] == 8
+    resumed, whole = (load_file(str(d / "checkpoint-8" / "extra_state.safetensors")) for d in (out, tmp_path / "whole"))
+    assert resumed.keys() == whole.keys()
+    for key in whole:
+        torch.testing.assert_close(resumed[key], whole[key])
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -91,3 +101,18 @@ def test_a_parameter_server_lora_run_on_the_bundled_model(tmp_path):
     assert len(evals) == 2 and evals[-1] < evals[0]
     assert any(row > 0 for row in logged_losses(out, "ps_delay"))
     assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
+
+
+@pytest.mark.parametrize("skip", [0, 3, 7, 12])
+def test_a_resumed_worker_goes_on_with_the_group_after_its_last_applied(skip):
+    """Worker 1 of 2 over 20 examples, batches of 2: 5 groups an epoch; skipping crosses epochs as reading did."""
+    from itertools import islice
+    from types import SimpleNamespace
+
+    from danlu.training.on_parameter_server import worker_groups
+    from danlu.training.stage import Stage
+
+    stage = Stage(train=list(range(20)), eval=[], collate=list, step=None)
+    args = SimpleNamespace(seed=3, per_device_train_batch_size=2, gradient_accumulation_steps=1, shuffle="global")
+    whole = list(islice(worker_groups(stage, args, 1, 2), 20))
+    assert list(islice(worker_groups(stage, args, 1, 2, skip), 20 - skip)) == whole[skip:]

@@ -56,7 +56,7 @@ class DelayCompensation:
         previous = self.mean_square[index]
         # MS_0 = 0, so MS_1 = (1 - m) g^2 as the recursion gives
         current = (1 - self.dc_momentum) * square if previous is None else (
-            self.dc_momentum * previous + (1 - self.dc_momentum) * square)
+            self.dc_momentum * previous.to(square.device) + (1 - self.dc_momentum) * square)
         self.mean_square[index] = current
         return self.dc_lambda / (current.sqrt() + MEAN_SQUARE_EPS)
 

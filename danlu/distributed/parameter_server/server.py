@@ -70,6 +70,7 @@ class ParameterServer:
             self.history.append((version, self.snapshot()))
         self.round: dict[int, tuple[list[torch.Tensor], int, float, int]] = {}  # ssgd: this round's gradients
         self.rounds_done = 0
+        self.applied_from = [0] * workers  # gradients applied from each worker (a resumed run: set from its state)
         self.error: Optional[BaseException] = None
 
     # --- what workers call (through RPC) ---
@@ -231,6 +232,8 @@ class ParameterServer:
             self.optimizer.zero_grad(set_to_none=True)
             self.version += 1
             self.pushes.extend(pushes)
+            for push in pushes:
+                self.applied_from[push.worker] += 1
             if self.delay:
                 self.history.append((self.version, self.snapshot()))
             if self.on_update is not None:
