@@ -69,6 +69,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from danlu.utils.jsonfile import dumps_json, finite
 from digits import build_mlp, build_sgd, load_digits_split
 from machine import ForeignLoad, machine_info, print_aligned, print_foreign_load, save_results
 
@@ -126,17 +127,6 @@ def sequential_batches(data: dict, workers: int, batch_size: int, seed: int, epo
 
 
 # --- what is recorded during a run ---
-
-def json_safe(value):
-    """`value` with every non-finite float (a diverged run's loss) as None: strict JSON."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
-
 
 class Curve:
     """Test error and loss of a model at evenly spaced points of the data consumed, with the seconds so far."""
@@ -252,7 +242,7 @@ def parameter_server_process(rank: int, world_size: int, settings: dict, data: d
                                                    ps_run.step_gradient(cross_entropy_step), **kw)
     if rank == 0:
         result = serve_and_record(run, model, settings, data, seed, world_size - 1)
-        Path(out_path).write_text(json.dumps(json_safe(result)))
+        Path(out_path).write_text(dumps_json(result))
     else:
         run()
 
@@ -532,7 +522,7 @@ def main(argv=None) -> dict:
     out = EXPERIMENTS[args.experiment](args, info)
     out["seconds_total"] = time.perf_counter() - started
     print(f"total {out['seconds_total']:.0f} s")
-    save_results(json_safe(out), args.json)
+    save_results(finite(out), args.json)
     return out
 
 

@@ -717,6 +717,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def experiment_parts(name: str, s: dict):
+    """(heading, worker, summarise, tables, plots) of experiment `name`."""
+    if name == "ensemble":
+        return (f"(2) ensemble-compression vs parameter averaging: H in {s['periods']}, inits {s['inits']}, "
+                f"alpha {s['alpha']}, T {s['temperature']}", ensemble_worker, summarise_ensemble, ensemble_tables,
+                lambda summary, directory: plot_ensemble(summary, s, directory) + plot_rounds(summary, s, directory))
+    return (f"(3) global vs local shuffling, iid vs noniid shards: averaging every {s['shuffle_periods']} steps",
+            shuffle_worker, summarise_shuffle, shuffle_tables,
+            lambda summary, directory: plot_shuffle(summary, s, directory))
+
+
+def run_and_report(name: str, data: dict, s: dict, args) -> tuple[dict, float]:
+    """Run experiment `name`, print its tables (and write its plots); its results and the foreign CPU share."""
+    heading, worker, summarise, tables, plots = experiment_parts(name, s)
+    print(f"\n{heading}", flush=True)
+    started = time.perf_counter()
+    raw, share = run_experiment(worker, data, s, args.timeout)
+    summary = summarise(raw)
+    result = {"summary": summary, "seconds": time.perf_counter() - started}
+    print()
+    for table in tables(summary, s):
+        print(table + "\n")
+    if args.plots:
+        Path(args.plots).mkdir(parents=True, exist_ok=True)
+        result["plots"] = plots(summary, args.plots)
+    return result, share
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     data = load_digits_split()
@@ -728,33 +756,8 @@ def main(argv=None) -> dict:
           f"{s['local_steps_per_epoch']} local steps per epoch | {s['epochs']} epochs | seeds {s['seeds']}")
     report = {"machine": info, "settings": s, "results": {}}
     shares = {}
-    if "ensemble" in s["experiments"]:
-        print(f"\n(2) ensemble-compression vs parameter averaging: H in {s['periods']}, inits {s['inits']}, "
-              f"alpha {s['alpha']}, T {s['temperature']}", flush=True)
-        started = time.perf_counter()
-        raw, shares["ensemble"] = run_experiment(ensemble_worker, data, s, args.timeout)
-        summary = summarise_ensemble(raw)
-        report["results"]["ensemble"] = {"summary": summary, "seconds": time.perf_counter() - started}
-        print()
-        for table in ensemble_tables(summary, s):
-            print(table + "\n")
-        if args.plots:
-            Path(args.plots).mkdir(parents=True, exist_ok=True)
-            report["results"]["ensemble"]["plots"] = (plot_ensemble(summary, s, args.plots)
-                                                      + plot_rounds(summary, s, args.plots))
-    if "shuffle" in s["experiments"]:
-        print(f"\n(3) global vs local shuffling, iid vs noniid shards: averaging every {s['shuffle_periods']} "
-              f"steps", flush=True)
-        started = time.perf_counter()
-        raw, shares["shuffle"] = run_experiment(shuffle_worker, data, s, args.timeout)
-        summary = summarise_shuffle(raw)
-        report["results"]["shuffle"] = {"summary": summary, "seconds": time.perf_counter() - started}
-        print()
-        for table in shuffle_tables(summary, s):
-            print(table + "\n")
-        if args.plots:
-            Path(args.plots).mkdir(parents=True, exist_ok=True)
-            report["results"]["shuffle"]["plots"] = plot_shuffle(summary, s, args.plots)
+    for name in s["experiments"]:
+        report["results"][name], shares[name] = run_and_report(name, data, s, args)
     print_foreign_load({k: round(v, 2) for k, v in shares.items()}, "experiment")
     for part in report["results"].values():
         for path in part.get("plots", []):

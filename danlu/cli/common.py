@@ -13,6 +13,13 @@ from danlu.training.arguments import (ArgumentError, check_choice, check_refused
                                       refused)
 
 
+def add_model_argument(parser: argparse.ArgumentParser) -> None:
+    """The model a command transforms, as its first positional argument (the bundled model when omitted)."""
+    parser.add_argument("model", nargs="?", default=None,
+                        help=f"Hugging Face directory, .gguf file, Megatron checkpoint or hub id (default: the "
+                             f"bundled SmolLM2-135M-Instruct at {bundled_model_path()})")
+
+
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", "--model_name_or_path", dest="model", default=None,
                         help=f"a .gguf file, a Hugging Face directory or hub id, or a preset "

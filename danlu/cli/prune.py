@@ -4,7 +4,7 @@ danlu and transformers load. heads and ffn give a smaller dense model; magnitude
 keeps the shape (and the size) of the model."""
 from __future__ import annotations
 
-from danlu.checkpoints.bundled import bundled_model_path
+from danlu.cli.common import add_model_argument
 
 METHODS = ("magnitude", "heads", "ffn")
 
@@ -17,9 +17,7 @@ def add_parser(sub, name):
                                         "remove FFN neurons in every layer. heads and ffn write a smaller dense "
                                         "model; each layer removes its least important units, scored on "
                                         "--calibration text (else by weight magnitude).")
-    parser.add_argument("model", nargs="?", default=None,
-                        help=f"Hugging Face directory, .gguf file, Megatron checkpoint or hub id (default: the "
-                             f"bundled SmolLM2-135M-Instruct at {bundled_model_path()})")
+    add_model_argument(parser)
     parser.add_argument("--method", required=True, choices=METHODS)
     parser.add_argument("--sparsity", required=True, type=float,
                         help="fraction removed, in [0, 1): of the linear weights (magnitude), of each layer's "

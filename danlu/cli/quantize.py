@@ -4,7 +4,7 @@ weight-only quantization (danlu.quantization), written as the torchao checkpoint
 (`AutoModelForCausalLM.from_pretrained(DIR)` with torchao installed) and danlu computes on directly."""
 from __future__ import annotations
 
-from danlu.checkpoints.bundled import bundled_model_path
+from danlu.cli.common import add_model_argument
 from danlu.quantization.transform import HEAD_CHOICES, METHODS
 
 
@@ -14,9 +14,7 @@ def add_parser(sub, name):
                                         "(per group of input features) and write the model as a torchao "
                                         "checkpoint: transformers loads it, and danlu chat / generate / api / "
                                         "eval compute on the packed weights.")
-    parser.add_argument("model", nargs="?", default=None,
-                        help=f"Hugging Face directory, .gguf file, Megatron checkpoint or hub id (default: the "
-                             f"bundled SmolLM2-135M-Instruct at {bundled_model_path()})")
+    add_model_argument(parser)
     parser.add_argument("--method", required=True, choices=sorted(METHODS))
     parser.add_argument("--group-size", "--group_size", dest="group_size", type=int, default=None,
                         help="int4: input features per scale (32, 64 or 128; default 64); must divide the "

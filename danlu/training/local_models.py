@@ -41,11 +41,10 @@ class LocalModels:
 
     def __init__(self, args: TrainArguments):
         self.args = args
-        self.model = self.ensemble = None
+        self.ensemble = None
         self.parameters: list = []
 
     def stage(self, model, stage: Stage) -> Stage:
-        self.model = model
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         if self.args.aggregate != "ensemble":
             return stage

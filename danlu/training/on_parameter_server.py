@@ -39,7 +39,7 @@ from danlu.utils.progress import logger
 
 
 def train_on_parameter_server(args: TrainArguments, topology: Topology, resume_from: Optional[Path]):
-    from danlu.training.train import TrainResult, fit_config, prepare_run
+    from danlu.training.train import TrainResult, autocast_dtype, fit_config, prepare_run
 
     workers = topology.world_size - 1
     lm, stage = prepare_run(args, topology)
@@ -78,8 +78,7 @@ def train_on_parameter_server(args: TrainArguments, topology: Topology, resume_f
         result = run.result
         return TrainResult(result.state, result.train_losses, result.eval_losses, Path(args.output_dir), trainable,
                            total)
-    config = fit_config(args, max_steps, None, None, topology, args.gradient_accumulation_steps)
-    autocast = config.autocast_dtype
+    autocast = autocast_dtype(args, topology.device)
     consumed = groups_consumed(resume_from, topology.rank - 1)
 
     def gradient_of(model, group: list[list]) -> tuple[float, int]:

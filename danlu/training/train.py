@@ -57,22 +57,20 @@ def train(args: TrainArguments) -> TrainResult:
     if not topology.is_main:
         logger.setLevel(logging.WARNING)  # the main rank reports the run; the others only their problems
     layout = args.parallel_layout(topology.world_size)
-    if layout.ps:
-        from danlu.training.on_parameter_server import train_on_parameter_server
-
-        resume_from = resume_point(args, Path(args.output_dir), remove_old_outputs=topology.is_main)
-        return train_on_parameter_server(args, topology, resume_from)
-    if layout.local:
-        from danlu.training.local_models import train_local_models
-
-        resume_from = resume_point(args, Path(args.output_dir), remove_old_outputs=topology.is_main)
-        return train_local_models(args, topology, resume_from)
     if layout.pp > 1:
         check_pipeline_run(args, layout)
     if layout.tp > 1 or layout.pp > 1:
         check_model_layout(args, layout)
     # every rank checks output_dir before any writes to it (joining the process group waits for them all)
     resume_from = resume_point(args, Path(args.output_dir), remove_old_outputs=topology.is_main)
+    if layout.ps:
+        from danlu.training.on_parameter_server import train_on_parameter_server
+
+        return train_on_parameter_server(args, topology, resume_from)
+    if layout.local:
+        from danlu.training.local_models import train_local_models
+
+        return train_local_models(args, topology, resume_from)
     if topology.world_size == 1:
         return train_in(args, topology, resume_from)
     with distributed(layout, topology.device, args.ddp_backend, args.ddp_timeout) as mesh:
