@@ -11,6 +11,8 @@ Rows (all from the bundled Q4_1 GGUF):
   danlu int4 gG          the float32 load, then quantize(model, "int4", group_size=G): int4's default, a zero point
                          per group; "sym" symmetric (a scale only)
   danlu GGUF Q4_1        danlu.load(gguf) (dtype "auto"): the file's 4-bit blocks kept and computed on
+  ... compiled           the row above decoded with generate(..., decoding="compiled"): a static-shape step under
+                         torch.compile (danlu.generation.decoders); its first call compiles (the warm-up, untimed)
   llama.cpp              with --llamacpp-python: bench/bench_llamacpp.py in its own virtualenv (decode b1, load)
 quantize() keeps the head at int8 per row whatever the method (its default), so every int8/int4 row has an int8
 head; the float32 model is itself the Q4_1 file dequantized, so "float32" means exact Q4_1 values.
@@ -84,6 +86,7 @@ class Method:
     quant: Optional[tuple] = None        # quantize(model, method, group_size, symmetric)
     kind: Optional[str] = None           # "int8" | "int4": which of the issue's targets apply
     load: bool = False                   # load time measured (fresh process)
+    decoding: str = "dynamic"            # generate's decoding: "compiled" = the static step under torch.compile
 
 
 METHODS = [
@@ -96,6 +99,10 @@ METHODS = [
     Method("danlu int4 g64", quant=("int4", 64, None), kind="int4"),
     Method("danlu int4 g128", quant=("int4", 128, None), kind="int4"),
     Method(GGUF_ROW, dtype="auto", kind="int4", load=True),
+    Method("danlu float32 compiled", decoding="compiled"),
+    Method("danlu int8 compiled", quant=("int8", None, None), kind="int8", decoding="compiled"),
+    Method("danlu int4 g32 compiled", quant=("int4", 32, None), kind="int4", decoding="compiled"),
+    Method(GGUF_ROW + " compiled", dtype="auto", kind="int4", decoding="compiled"),
     Method(LLAMACPP_ROW, engine="llama.cpp"),
 ]
 BY_NAME = {m.name: m for m in METHODS}
@@ -184,7 +191,7 @@ def decoders(models: dict, prompts: list[list[int]], pad_id: int) -> dict:
         if BY_NAME[name].engine == "transformers":
             fns[name] = lambda n, hf=model: hf_decode(hf, prompts, n, pad_id)
         else:
-            fns[name] = lambda n, lm=model: danlu_decode(lm, prompts, n)
+            fns[name] = lambda n, lm=model, decoding=BY_NAME[name].decoding: danlu_decode(lm, prompts, n, decoding)
     return fns
 
 

@@ -179,12 +179,12 @@ def bench_prefill(lm, hf, ids: list[int], runs: int) -> dict:
 
 # ---------------------------------------------------------------- 3. decode
 
-def danlu_decode(lm, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+def danlu_decode(lm, prompts: list[list[int]], new_tokens: int, decoding: str = "dynamic") -> list[list[int]]:
     from danlu.generation.generate import generate
     from danlu.generation.sampling import GenerationConfig
 
     config = GenerationConfig(max_new_tokens=new_tokens, temperature=0)
-    return [c.token_ids for c in generate(lm.model, lm.tokenizer, prompts, config, eos_ids=[])]
+    return [c.token_ids for c in generate(lm.model, lm.tokenizer, prompts, config, eos_ids=[], decoding=decoding)]
 
 
 def hf_decode(hf, prompts: list[list[int]], new_tokens: int, pad_id: int) -> list[list[int]]:

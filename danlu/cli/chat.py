@@ -12,8 +12,8 @@ import shutil
 import signal
 import sys
 
-from danlu.cli.common import (add_config_argument, add_model_options, add_sampling_options, load_from_args,
-                              sampling_config)
+from danlu.cli.common import (add_compile_option, add_config_argument, add_model_options, add_sampling_options,
+                              decoding_of, load_from_args, sampling_config)
 from danlu.generation.sampling import GenerationConfig
 
 WELCOME = ("Welcome to danlu chat. Type a message to chat, :h for commands, :q or Ctrl-D to leave.\n"
@@ -41,6 +41,7 @@ def add_parser(sub, name):
     add_config_argument(parser)
     add_model_options(parser)
     add_sampling_options(parser, GenerationConfig())
+    add_compile_option(parser)
     parser.add_argument("--query", "-q", default=None, help="ask one question, stream the answer and exit")
     parser.set_defaults(run=run)
     return parser
@@ -49,8 +50,10 @@ def add_parser(sub, name):
 class ChatSession:
     """The state of one chat: history, seed and generation settings; `handle` takes each input line."""
 
-    def __init__(self, lm, config: GenerationConfig, template=None, system=None, out=None):
+    def __init__(self, lm, config: GenerationConfig, template=None, system=None, out=None,
+                 decoding: str = "dynamic"):
         self.lm = lm
+        self.decoding = decoding
         self.template = template
         self.system = system
         self.initial_config = config
@@ -162,7 +165,8 @@ class ChatSession:
         pieces: list[str] = []
         try:
             for piece in chat(self.lm, self.messages(query), template=self.template, system=self.system,
-                              stream_output=True, config=self.config.updated(seed=self.seed)):
+                              stream_output=True, config=self.config.updated(seed=self.seed),
+                              decoding=self.decoding):
                 pieces.append(piece)
                 self.say(piece, end="")
         except KeyboardInterrupt:
@@ -198,7 +202,7 @@ def run(args) -> int:
     lm = load_from_args(args)
     if lm.tokenizer is None:
         raise ValueError(f"{lm.source} has no tokenizer; chat needs a checkpoint with one")
-    session = ChatSession(lm, config, args.template, args.system)
+    session = ChatSession(lm, config, args.template, args.system, decoding=decoding_of(args))
     if args.query is not None:
         print(f"User: {args.query}")
         session.answer(args.query)

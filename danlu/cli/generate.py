@@ -1,8 +1,8 @@
 """`danlu generate --input FILE --output OUT.jsonl`: offline batch generation that resumes where it stopped."""
 from __future__ import annotations
 
-from danlu.cli.common import (add_config_argument, add_model_options, add_sampling_options, load_from_args,
-                              sampling_config)
+from danlu.cli.common import (add_compile_option, add_config_argument, add_model_options, add_sampling_options,
+                              decoding_of, load_from_args, sampling_config)
 from danlu.generation.sampling import GenerationConfig
 
 
@@ -16,6 +16,7 @@ def add_parser(sub, name):
     parser.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
     parser.add_argument("--batch_size", type=int, default=8)
     add_sampling_options(parser, GenerationConfig(max_new_tokens=256, temperature=0.0))
+    add_compile_option(parser)
     parser.set_defaults(run=run)
     return parser
 
@@ -55,7 +56,7 @@ def run(args) -> int:
     bar.update(len(records) - len(todo))
     for start in range(0, len(todo), args.batch_size):
         chunk = todo[start:start + args.batch_size]
-        completions = generate(lm.model, tokenizer, [encode(r) for r in chunk], config)
+        completions = generate(lm.model, tokenizer, [encode(r) for r in chunk], config, decoding=decoding_of(args))
         results = []
         for record, completion in zip(chunk, completions):
             prompt = record.prompt if record.prompt is not None else record.messages

@@ -11,7 +11,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
-from danlu.generation.kv_cache import KVCache
+from danlu.generation.decoders import make_decoder
 from danlu.generation.sampling import GenerationConfig, next_tokens
 from danlu.generation.text import IncrementalDecoder, find_stop
 
@@ -39,12 +39,14 @@ class ContextOverflow(ValueError):
 
 def decode_steps(model, prompts: Sequence[Sequence[int]], config: GenerationConfig, eos_ids: Sequence[int],
                  pad_id: int = 0, should_stop: Optional[Callable[[int, list[int]], bool]] = None,
-                 logprobs: bool = False) -> Iterator[list[Step]]:
+                 logprobs: bool = False, decoding: str = "dynamic") -> Iterator[list[Step]]:
     """Yield, per decoding step, the token chosen for every row still running.
 
     A row ends on an EOS token, when `should_stop(row, generated_ids)` says so, or at max_new_tokens;
-    finished rows leave the batch (their cache rows are dropped) so the rest run faster. With `logprobs`,
-    each Step carries its token's log-probability (see `sampled_token_logprobs`).
+    finished rows leave the batch so the rest run faster. With `logprobs`, each Step carries its token's
+    log-probability (see `sampled_token_logprobs`). `decoding`: "dynamic" (a growing cache), "static" or
+    "compiled" (fixed shapes, the step under torch.compile): see danlu.generation.decoders. The tokens are the
+    same whichever way: rows are sampled alike, and a finished row draws no more random numbers.
     """
     if not model.config.causal:
         raise ValueError(f"{model.config.name or 'this model'} is an encoder (causal=False): it has no "
@@ -58,28 +60,20 @@ def decode_steps(model, prompts: Sequence[Sequence[int]], config: GenerationConf
         raise ContextOverflow(f"prompt of {longest} tokens does not fit the context of {context} tokens "
                               f"(over by {longest - context + 1})")
     max_new = min(config.max_new_tokens, context - longest)
-    batch = len(prompts)
-    input_ids = torch.full((batch, longest), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros((batch, longest + max_new), dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        input_ids[i, longest - len(p):] = torch.tensor(list(p), dtype=torch.long)
-        mask[i, longest - len(p):longest] = 1
-    padded = any(len(p) != longest for p in prompts)
-    cache = KVCache(model.config, batch, longest + max_new, next(model.parameters()).dtype, device)
+    decoder = make_decoder(model, prompts, pad_id, max_new, decoding)
     generator = None
     if config.seed is not None and not config.greedy:
         generator = torch.Generator(device=device).manual_seed(config.seed)
     seen = None
     if config.repetition_penalty != 1.0:
-        seen = torch.zeros((batch, model.config.vocab_size), dtype=torch.bool, device=device)
+        seen = torch.zeros((len(prompts), model.config.vocab_size), dtype=torch.bool, device=device)
         for i, p in enumerate(prompts):
             seen[i, list(p)] = True
     eos = torch.tensor(list(eos_ids) or [-1], device=device)
-    rows = list(range(batch))  # original index of each live batch row
+    rows = list(range(len(prompts)))  # original index of each live batch row
     generated: list[list[int]] = [[] for _ in prompts]
     with torch.inference_mode():
-        logits = model(input_ids, attention_mask=mask[:, :longest] if padded else None, kv_cache=cache,
-                       last_only=True)[:, -1]
+        logits = decoder.prefill()
         for step in range(max_new):
             tokens = next_tokens(logits, config, seen, generator)
             steps, keep = [], []
@@ -102,16 +96,13 @@ def decode_steps(model, prompts: Sequence[Sequence[int]], config: GenerationConf
                 return
             if len(keep) < len(rows):
                 index = torch.tensor(keep, device=device)
-                cache.select_rows(index)
-                mask, tokens = mask[index], tokens[index]
+                decoder.keep(index)
+                tokens = tokens[index]
                 seen = seen[index] if seen is not None else None
                 rows = [rows[j] for j in keep]
             if seen is not None:
                 seen[torch.arange(len(rows), device=device), tokens] = True
-            length = cache.length + 1
-            mask[:, length - 1] = 1
-            logits = model(tokens[:, None], attention_mask=mask[:, :length] if padded else None,
-                           kv_cache=cache)[:, -1]
+            logits = decoder.step(tokens)
 
 
 def sampled_token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -130,23 +121,24 @@ def sampled_token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperatu
 
 def generate(model, tokenizer, prompts: Sequence[Sequence[int]], config: GenerationConfig,
              eos_ids: Optional[Sequence[int]] = None, batch_size: Optional[int] = None,
-             logprobs: bool = False, keep_eos: bool = False) -> list[Completion]:
+             logprobs: bool = False, keep_eos: bool = False, decoding: str = "dynamic") -> list[Completion]:
     """Complete token-id prompts; answers stop at EOS, at a stop string (cut off), or at max_new_tokens.
 
     With `logprobs`, each Completion also holds the log-probability of each of its token_ids. With `keep_eos`
     the EOS token that ended an answer stays in its token_ids (an RLHF policy learns when to stop).
+    `decoding`: as for decode_steps ("compiled" for the torch.compile'd step).
     """
     eos_ids = model.config.eos_token_ids if eos_ids is None else list(eos_ids)
     batch_size = batch_size or len(prompts)
     results: list[Completion] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
-        results.extend(_generate_batch(model, tokenizer, chunk, config, eos_ids, logprobs, keep_eos))
+        results.extend(_generate_batch(model, tokenizer, chunk, config, eos_ids, logprobs, keep_eos, decoding))
     return results
 
 
-def _generate_batch(model, tokenizer, prompts, config, eos_ids, logprobs: bool,
-                    keep_eos: bool = False) -> list[Completion]:
+def _generate_batch(model, tokenizer, prompts, config, eos_ids, logprobs: bool, keep_eos: bool,
+                    decoding: str) -> list[Completion]:
     tokens: list[list[int]] = [[] for _ in prompts]
     token_logprobs: list[list[float]] = [[] for _ in prompts]
     reasons: list[str] = ["length"] * len(prompts)
@@ -156,7 +148,7 @@ def _generate_batch(model, tokenizer, prompts, config, eos_ids, logprobs: bool,
 
     should_stop = stop_string_seen if config.stop else None
     pad_id = pad_token_id(tokenizer, model.config)
-    for steps in decode_steps(model, prompts, config, eos_ids, pad_id, should_stop, logprobs):
+    for steps in decode_steps(model, prompts, config, eos_ids, pad_id, should_stop, logprobs, decoding):
         for s in steps:
             if keep_eos or s.token not in eos_ids:
                 tokens[s.row].append(s.token)
@@ -174,7 +166,8 @@ def _generate_batch(model, tokenizer, prompts, config, eos_ids, logprobs: bool,
 
 
 def stream(model, tokenizer, prompt: Sequence[int], config: GenerationConfig,
-           eos_ids: Optional[Sequence[int]] = None, finish: Optional[dict] = None) -> Iterator[str]:
+           eos_ids: Optional[Sequence[int]] = None, finish: Optional[dict] = None,
+           decoding: str = "dynamic") -> Iterator[str]:
     """Yield the answer's text piece by piece: never half a character, never part of a stop string.
 
     When `finish` is given, its "reason" and "tokens" keys are filled in when the stream ends.
@@ -184,7 +177,7 @@ def stream(model, tokenizer, prompt: Sequence[int], config: GenerationConfig,
     reason = "length"
     count = 0
     for steps in decode_steps(model, [prompt], config, eos_ids, pad_token_id(tokenizer, model.config),
-                              lambda _row, _ids: decoder.stopped):
+                              lambda _row, _ids: decoder.stopped, decoding=decoding):
         step = steps[0]
         count += 1
         if step.token not in eos_ids:

@@ -31,3 +31,37 @@ class KVCache:
         """Keep only the given batch rows (finished sequences leave the batch)."""
         self.keys = [k.index_select(0, rows) for k in self.keys]
         self.values = [v.index_select(0, rows) for v in self.values]
+
+
+class StaticKVCache:
+    """A KV cache whose shapes never change, for a decode step compiled once (torch.compile).
+
+    Every forward writes its keys/values at the columns `place` last named, and attention reads all `capacity`
+    columns: the caller's 4-D mask hides those not written yet. Nothing in it changes shape, and no Python
+    number changes between steps (`advance` does nothing: the caller places each step), so one traced step
+    serves them all. Zeros, not empty memory: a masked position still enters the value sum as 0 x value, and
+    uninitialised memory may hold NaN.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, capacity: int, dtype: torch.dtype,
+                 device: torch.device | str):
+        shape = (batch_size, config.num_key_value_heads, capacity, config.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.capacity = capacity
+        self.columns = torch.zeros(1, dtype=torch.long, device=device)
+
+    def place(self, start: int, count: int = 1) -> torch.Tensor:
+        """The next forward's `count` tokens go to columns start, start + 1, ...; returns those columns."""
+        if start + count > self.capacity:
+            raise ValueError(f"KV cache holds {self.capacity} positions; {start + count} were asked for")
+        self.columns = torch.arange(start, start + count, device=self.columns.device)
+        return self.columns
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        self.keys[layer].index_copy_(2, self.columns, k)
+        self.values[layer].index_copy_(2, self.columns, v)
+        return self.keys[layer], self.values[layer]
+
+    def advance(self, steps: int) -> None:
+        pass

@@ -20,8 +20,10 @@ def _need_tokenizer(pretrained) -> None:
 
 def complete(pretrained, prompts: Union[str, Sequence[str]], chat: bool = False, template: Optional[str] = None,
              system: Optional[str] = None, config: Optional[GenerationConfig] = None,
-             batch_size: Optional[int] = None, **sampling) -> Union[Completion, list[Completion]]:
-    """Complete one prompt or a list; with chat=True each prompt is a user turn in the chat template."""
+             batch_size: Optional[int] = None, decoding: str = "dynamic",
+             **sampling) -> Union[Completion, list[Completion]]:
+    """Complete one prompt or a list; with chat=True each prompt is a user turn in the chat template.
+    decoding="compiled": the static-shape step under torch.compile (danlu.generation.decoders)."""
     _need_tokenizer(pretrained)
     single = isinstance(prompts, str)
     texts = [prompts] if single else list(prompts)
@@ -32,7 +34,7 @@ def complete(pretrained, prompts: Union[str, Sequence[str]], chat: bool = False,
     else:
         ids = [tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
         config = _config(config, (), **sampling)
-    results = generate_ids(pretrained.model, tokenizer, ids, config, batch_size=batch_size)
+    results = generate_ids(pretrained.model, tokenizer, ids, config, batch_size=batch_size, decoding=decoding)
     return results[0] if single else results
 
 
@@ -44,7 +46,7 @@ def generate(pretrained, prompts: Union[str, Sequence[str]], **kwargs) -> Union[
 
 def chat(pretrained, messages: Union[str, Sequence[dict]], template: Optional[str] = None,
          system: Optional[str] = None, stream_output: bool = False, config: Optional[GenerationConfig] = None,
-         **sampling) -> Union[str, Iterator[str]]:
+         decoding: str = "dynamic", **sampling) -> Union[str, Iterator[str]]:
     """Answer a conversation (a list of {role, content}, or one user message as a string)."""
     _need_tokenizer(pretrained)
     if isinstance(messages, str):
@@ -52,5 +54,5 @@ def chat(pretrained, messages: Union[str, Sequence[dict]], template: Optional[st
     tokenizer = pretrained.tokenizer
     ids = encode_chat(tokenizer, messages, template, system)
     config = _config(config, stop_words(tokenizer, template), **sampling)
-    pieces = stream(pretrained.model, tokenizer, ids, config)
+    pieces = stream(pretrained.model, tokenizer, ids, config, decoding=decoding)
     return pieces if stream_output else "".join(pieces)

@@ -301,14 +301,15 @@ class Transformer(nn.Module):
         without the embedding; a stage without the head returns hidden states.
         attention_mask [batch, past + seq] marks real tokens with 1 and padding with 0 (left padding for a
         decoder; an encoder masks the padded keys wherever they are, BERT's tokenizers pad on the right).
+        A 4-D boolean attention_mask [batch, 1, seq, keys] (True = may attend) is taken as it is, with the
+        position_ids that must come with it: a static KV cache's caller (danlu.generation.decoders) builds it.
         document_ids [batch, seq] (training on packed rows): tokens attend only within their own document,
         whose positions start again at 0; id 0 is padding.
         intermediates: filled with the hidden states (and attention scores if it asks) on the way.
         token_type_ids [batch, seq] (models with type_vocab_size, BERT's segments): absent means all 0.
         """
         seq = input_ids.shape[1]
-        past = kv_cache.length if kv_cache is not None else 0
-        mask, position_ids = self._mask_and_positions(attention_mask, position_ids, document_ids, past, seq,
+        mask, position_ids = self._mask_and_positions(attention_mask, position_ids, document_ids, kv_cache, seq,
                                                       input_ids.device)
         if self.model.embed_tokens is not None:
             x = self.model.embed(input_ids, position_ids, token_type_ids)
@@ -336,7 +337,13 @@ class Transformer(nn.Module):
             return None, None  # learned positions were added to the embeddings
         return rope_cos_sin(self.rope_inverse_frequencies(x.device), position_ids, x.dtype)
 
-    def _mask_and_positions(self, attention_mask, position_ids, document_ids, past: int, seq: int, device):
+    def _mask_and_positions(self, attention_mask, position_ids, document_ids, kv_cache, seq: int, device):
+        if attention_mask is not None and attention_mask.dim() == 4:
+            # Ready-made (a static cache's caller builds it over the cache's columns): used as it is.
+            if position_ids is None:
+                raise ValueError("a 4-D attention_mask [batch, 1, queries, keys] comes with its position_ids")
+            return attention_mask, position_ids
+        past = kv_cache.length if kv_cache is not None else 0
         if not self.config.causal:
             if document_ids is not None:
                 raise ValueError("document_ids (packed rows) need a causal model; this one is an encoder")

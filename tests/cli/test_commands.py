@@ -129,3 +129,13 @@ def test_convert_cli_hf_to_hf(capsys, tiny_chat_dir, tmp_path):
     assert code == 2 and "already exists" in err
     code, _, err = run(capsys, "convert", str(tiny_chat_dir), str(tmp_path / "x"), "--shard_size", "lots")
     assert code == 2 and "--shard_size" in err
+
+
+def test_generate_compiled_gives_the_same_answers(capsys, tiny_chat_dir, prompts_txt, tmp_path):
+    answers = {}
+    for flags in ([], ["--compile"]):
+        out = tmp_path / f"answers{len(flags)}.jsonl"
+        assert run(capsys, "generate", "--model", str(tiny_chat_dir), "--input", str(prompts_txt), "--output",
+                   str(out), "--max_new_tokens", "6", "--temperature", "0", "--batch_size", "3", *flags)[0] == 0
+        answers[len(flags)] = [json.loads(line)["response"] for line in out.read_text().splitlines()]
+    assert answers[1] == answers[0] and any(answers[0])

@@ -172,3 +172,22 @@ def test_real_model_int8_and_the_gguf_blocks_agree_with_float32(real_gguf, real_
     # The issue's bound for int8 is 1%; the GGUF's blocks hold the float model's very values.
     assert abs(ppl["int8"] / ppl["float"] - 1) < 0.01, ppl
     assert abs(ppl["gguf"] / ppl["float"] - 1) < 0.001, ppl
+
+
+@pytest.mark.real
+def test_real_model_compiled_decoding_answers_as_the_dynamic_one(real_gguf, real_lm):
+    """The static step under torch.compile, on the GGUF's 4-bit blocks, batched: the same greedy tokens."""
+    from danlu.generation.generate import generate
+    from danlu.generation.sampling import GenerationConfig
+    from danlu.tokenization.chat import encode_chat
+    from tests.generation.test_real_generation import QUESTIONS
+
+    blocks = load_pretrained(real_gguf).model
+    prompts = [encode_chat(real_lm.tokenizer, [{"role": "user", "content": q}]) for q in QUESTIONS]
+    config = GenerationConfig(max_new_tokens=32, temperature=0)
+    answers = {decoding: [c.token_ids for c in generate(blocks, real_lm.tokenizer, prompts, config,
+                                                         decoding=decoding)]
+               for decoding in ("dynamic", "compiled")}
+    agree = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), min(len(x), len(y)))
+             for x, y in zip(answers["compiled"], answers["dynamic"])]
+    assert answers["compiled"] == answers["dynamic"], agree
