@@ -14,6 +14,7 @@ from danlu.checkpoints import megatron as megatron_format
 from danlu.checkpoints import torchao as torchao_format
 from danlu.checkpoints.bundled import danlu_home, ensure_bundled_encoder, ensure_bundled_model
 from danlu.checkpoints.errors import CheckpointError
+from danlu.low_rank.checkpoint import install_low_rank, read_low_rank
 from danlu.models.config import ModelConfig
 from danlu.models.presets import PRESETS, get_preset
 from danlu.models.transformer import Transformer, build_meta_model
@@ -56,18 +57,22 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def expected_shapes(config: ModelConfig) -> dict[str, torch.Size]:
+def expected_shapes(config: ModelConfig, low_rank: Optional[dict[str, int]] = None) -> dict[str, torch.Size]:
     meta = build_meta_model(config)
+    install_low_rank(meta, low_rank or {})
     shapes = {name: t.shape for name, t in meta.state_dict().items()}
     if config.tie_word_embeddings:
         shapes.pop("lm_head.weight", None)
     return shapes
 
 
-def model_from_state_dict(config: ModelConfig, state: dict, device) -> Transformer:
+def model_from_state_dict(config: ModelConfig, state: dict, device,
+                          low_rank: Optional[dict[str, int]] = None) -> Transformer:
     """The model holding `state`; a linear weight given as a QuantizedWeight becomes a layer that keeps it
-    quantized (and a head given that way is not tied to the embedding)."""
+    quantized (and a head given that way is not tied to the embedding); the layers `low_rank` names (a
+    factorized checkpoint's {name: rank}) are LowRankLinear of those ranks."""
     model = build_meta_model(config)
+    install_low_rank(model, low_rank or {})
     quantized_head = isinstance(state.get("lm_head.weight"), QuantizedWeight)
     if config.tie_word_embeddings and not quantized_head:
         state = {**state, "lm_head.weight": state["model.embed_tokens.weight"]}
@@ -232,9 +237,10 @@ def _renamed(lm: Pretrained, source: Path) -> Pretrained:
 def _load_hf(directory: Path, dtype, device, show_progress) -> Pretrained:
 
     config = hf_format.read_hf_config(directory)
-    state = hf_format.load_hf_state_dict(directory, expected_shapes(config), dtype, show_progress,
+    low_rank = read_low_rank(directory)  # danlu factorize's layers, {} for a plain checkpoint
+    state = hf_format.load_hf_state_dict(directory, expected_shapes(config, low_rank), dtype, show_progress,
                                          config.architecture)
-    model = model_from_state_dict(config, state, device)
+    model = model_from_state_dict(config, state, device, low_rank)
     tokenizer = load_tokenizer_if_present(directory)
     return Pretrained(model, tokenizer, config, str(directory), generation_defaults(directory))
 

@@ -13,6 +13,7 @@ from danlu.checkpoints.hf import save_hf_checkpoint
 from danlu.checkpoints.errors import CheckpointError
 from danlu.checkpoints.load import DTYPES, load_config, load_pretrained
 from danlu.checkpoints.megatron import LAYOUTS, MegatronSplit, save_megatron
+from danlu.low_rank.checkpoint import refuse_factorized
 from danlu.utils.atomic import check_output_directory, check_output_file
 from danlu.utils.jsonfile import read_json
 
@@ -108,6 +109,7 @@ def convert(src, out, dtype: str = "auto", shard_bytes: int = 2 * 1000**3, force
     if gguf_type is not None:
         gguf_format.check_gguf_exportable(load_config(src))
     lm = load_pretrained(src, dtype=target, device="cpu", show_progress=True)
+    refuse_factorized(lm.model, "danlu convert")
     state = lm.model.state_dict()
     if gguf_type is not None:
         return gguf_format.save_gguf(state, lm.config, out, gguf_type, lm.tokenizer, show_progress=True)

@@ -124,9 +124,11 @@ def export_merged(args: ExportArguments):
     from danlu.checkpoints.hf import save_hf_checkpoint
     from danlu.checkpoints.load import load_pretrained
     from danlu.cli.convert import source_dtype
+    from danlu.low_rank.checkpoint import refuse_factorized
     from danlu.tuning.lora import load_adapter, merge_lora
 
     lm = load_pretrained(args.model_name_or_path, dtype="float32", device="cpu", show_progress=True)
+    refuse_factorized(lm.model, "danlu export")
     if lm.tokenizer is not None:
         prepare_tokenizer(lm.tokenizer, args.template, lm.config.causal)
     for adapter, scale in zip(args.adapters, args.scales):

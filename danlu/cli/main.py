@@ -7,8 +7,8 @@ import sys
 import traceback
 from typing import Optional
 
-from danlu.cli import (api, chat, convert, evaluate, export, fetch, generate, model_info, prune, quantize, reward, train,
-                       vocab, webui)
+from danlu.cli import (api, chat, convert, evaluate, export, factorize, fetch, generate, model_info, prune, quantize,
+                       reward, train, vocab, webui)
 from danlu.utils.progress import configure_logging
 
 SUBCOMMANDS = {
@@ -23,6 +23,7 @@ SUBCOMMANDS = {
     "convert": convert,
     "quantize": quantize,
     "prune": prune,
+    "factorize": factorize,
     "vocab": vocab,
     "model-info": model_info,
     "fetch-default-model": fetch,

@@ -53,6 +53,7 @@ def run(args) -> int:
 
     from danlu.checkpoints.hf import save_hf_checkpoint
     from danlu.checkpoints.load import load_pretrained
+    from danlu.low_rank.checkpoint import refuse_factorized
     from danlu.models.transformer import count_parameters
     from danlu.pruning.calibration import calibration_batches, read_calibration_texts
     from danlu.pruning.magnitude import prune_magnitude
@@ -63,6 +64,7 @@ def run(args) -> int:
     out = check_output_directory(args.output, "--output", force=args.force)
     texts = read_calibration_texts(args.calibration) if args.calibration else None
     lm = load_pretrained(args.model, dtype="float32", device="cpu", show_progress=True)
+    refuse_factorized(lm.model, "danlu prune")
     before = count_parameters(lm.model)
     if args.method == "magnitude":
         scope = args.scope or "layer"

@@ -37,12 +37,14 @@ def run(args) -> int:
 
     from danlu.checkpoints.load import load_pretrained
     from danlu.checkpoints.torchao import save_torchao_checkpoint
+    from danlu.low_rank.checkpoint import refuse_factorized
     from danlu.quantization.transform import check_method, quantize, quantized_state_dict
     from danlu.utils.atomic import check_output_directory
 
     check_method(args.method, args.group_size)
     out = check_output_directory(args.output, "--output", force=args.force)
     lm = load_pretrained(args.model, dtype="float32", device="cpu", show_progress=True)
+    refuse_factorized(lm.model, "danlu quantize")
     replaced = quantize(lm.model, args.method, args.group_size, symmetric=args.symmetric, head=args.head)
     save_torchao_checkpoint(quantized_state_dict(lm.model), lm.config, out, torch.float32,
                             lm.tokenizer, dict(lm.generation_defaults))

@@ -14,7 +14,9 @@ import torch
 from danlu.checkpoints.hf import save_hf_checkpoint
 from danlu.checkpoints.value_head import save_value_head, sequence_classification_head
 from danlu.distillation.encoder_tasks import CLASSIFIER, save_classifier
+from danlu.low_rank.checkpoint import low_rank_config, low_rank_ranks
 from danlu.training.activation_checkpointing import apply_activation_checkpointing
+from danlu.training.arguments import ArgumentError
 from danlu.tuning.freeze import apply_freeze
 from danlu.tuning.lora import LoRAConfig, apply_lora, base_state_dict, save_adapter
 from danlu.tuning.quantized import quantize_model
@@ -35,6 +37,7 @@ def apply_finetuning(model, args, trained_modules: tuple[str, ...] = ()) -> None
     the method); QLoRA quantizes the frozen base first. Then activation checkpointing, before the parallel
     layout (which keeps it: danlu.training.activation_checkpointing)."""
     if args.finetuning_type == "lora":
+        refuse_lora_on_factorized(model)
         if args.quantization_bit is not None:
             quantized = quantize_model(model, args.quantization_bit, skip=NEVER_QUANTIZED)
             logger.info("quantized %d linear layers to %d bits", len(quantized), args.quantization_bit)
@@ -46,6 +49,17 @@ def apply_finetuning(model, args, trained_modules: tuple[str, ...] = ()) -> None
     for name in trained_modules:
         model.get_submodule(name).requires_grad_(True)
     apply_activation_checkpointing(model, args.activation_checkpointing)
+
+
+def refuse_lora_on_factorized(model) -> None:
+    """LoRA targets layers by their names (q_proj, ..., 'all'), which a factorized layer's two factors no longer
+    answer to: it would leave them out without a word."""
+    factorized = list(low_rank_ranks(model))
+    if factorized:
+        raise ArgumentError(f"finetuning_type lora: {len(factorized)} linear layers of this model are factorized "
+                            f"(danlu factorize; {factorized[0]}, ...) and LoRA does not adapt factorized layers; "
+                            f"train their factors with --finetuning_type full (or freeze), or write the model "
+                            f"with danlu factorize --dense and train LoRA on that")
 
 
 def save_final(model, lm, args, output_dir: Path) -> Path:
@@ -61,14 +75,15 @@ def save_final(model, lm, args, output_dir: Path) -> Path:
         else:
             state = {name: t for name, t in base_state_dict(model).items()
                      if not name.startswith(("v_head.", f"{CLASSIFIER}."))}
-            extra_config = None
+            extra_config = low_rank_config(model)  # a factorized model's layers and ranks; {} for a plain one
             if head is not None and args.stage == "rm":
-                score, extra_config = sequence_classification_head(head)
+                score, head_config = sequence_classification_head(head)
+                extra_config.update(head_config)
                 state.update(score)
                 if lm.config.pad_token_id is None:  # the classifier finds each row's last token by it
                     extra_config["pad_token_id"] = lm.tokenizer.pad_token_id
             save_hf_checkpoint(state, lm.config, staged, torch.float32, generation_config=lm.generation_defaults,
-                               extra_config=extra_config)
+                               extra_config=extra_config or None)
         if head is not None:
             save_value_head(head, staged)
         if classifier is not None:

@@ -77,9 +77,10 @@ def linear_module_names(model: nn.Module) -> list[str]:
     return [linear.name for linear in base_linears(model)]
 
 
-def resolve_targets(model: nn.Module, targets: Iterable[str]) -> list[str]:
+def resolve_targets(model: nn.Module, targets: Iterable[str], flag: str = "lora_target") -> list[str]:
     """Plain names of the linears to adapt, in module order. A target is a layer's own name (`q_proj`) or its
-    full name; 'all' is every linear whose role (danlu.models.roles) is column or row: not the output head."""
+    full name; 'all' is every linear whose role (danlu.models.roles) is column or row: not the output head.
+    Errors name `flag` (danlu factorize resolves its --targets here too)."""
     linears = linear_module_names(model)
     kinds = sorted({n.rsplit(".", 1)[-1] for n in linears})
     chosen = set()
@@ -87,12 +88,12 @@ def resolve_targets(model: nn.Module, targets: Iterable[str]) -> list[str]:
         if target == "all":
             matches = [n for n in linears if role_of(n) in (COLUMN, ROW)]
             if not matches:
-                raise ValueError(f"lora_target 'all' matches no linear layer with a column or row role "
+                raise ValueError(f"{flag} 'all' matches no linear layer with a column or row role "
                                  f"(danlu.models.roles); name them instead, from {kinds}")
         else:
             matches = [n for n in linears if n == target or n.rsplit(".", 1)[-1] == target]
             if not matches:
-                raise ValueError(f"lora_target {target!r} matches no linear layer; choose from {kinds} or 'all'")
+                raise ValueError(f"{flag} {target!r} matches no linear layer; choose from {kinds} or 'all'")
         chosen.update(matches)
     return [n for n in linears if n in chosen]
 
