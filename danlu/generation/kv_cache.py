@@ -6,12 +6,18 @@ import torch
 from danlu.models.config import ModelConfig
 
 
+def layer_buffers(config: ModelConfig, batch_size: int, capacity: int, dtype: torch.dtype, device,
+                  make=torch.empty) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Keys and values, one [batch, kv_heads, capacity, head_dim] tensor per layer each, made by `make`."""
+    shape = (batch_size, config.num_key_value_heads, capacity, config.head_dim)
+    return ([make(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)],
+            [make(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)])
+
+
 class KVCache:
     def __init__(self, config: ModelConfig, batch_size: int, capacity: int, dtype: torch.dtype,
                  device: torch.device | str):
-        shape = (batch_size, config.num_key_value_heads, capacity, config.head_dim)
-        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.keys, self.values = layer_buffers(config, batch_size, capacity, dtype, device, torch.empty)
         self.capacity = capacity
         self.length = 0
 
@@ -45,9 +51,7 @@ class StaticKVCache:
 
     def __init__(self, config: ModelConfig, batch_size: int, capacity: int, dtype: torch.dtype,
                  device: torch.device | str):
-        shape = (batch_size, config.num_key_value_heads, capacity, config.head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.keys, self.values = layer_buffers(config, batch_size, capacity, dtype, device, torch.zeros)
         self.capacity = capacity
         self.columns = torch.zeros(1, dtype=torch.long, device=device)
 

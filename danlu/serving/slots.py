@@ -9,15 +9,14 @@ from typing import Optional
 
 import torch
 
+from danlu.generation.kv_cache import layer_buffers
 from danlu.models.config import ModelConfig
 
 
 class SlotKVCache:
     def __init__(self, config: ModelConfig, slots: int, capacity: int, dtype: torch.dtype, device):
-        shape = (slots, config.num_key_value_heads, capacity, config.head_dim)
         # empty, not zeros: the operating system commits memory only for the positions requests really use
-        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.keys, self.values = layer_buffers(config, slots, capacity, dtype, device, torch.empty)
         self.lengths = torch.zeros(slots, dtype=torch.long)
         self.capacity = capacity
 
