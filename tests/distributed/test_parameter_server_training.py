@@ -93,8 +93,8 @@ def test_a_parameter_server_lora_run_on_the_bundled_model(tmp_path):
     """The README's command: LoRA SFT of SmolLM2-135M-Instruct by a server and 2 DC-ASGD workers."""
     out = tmp_path / "ps"
     values = dict(dataset="identity,danlu_instruct", dataset_dir=str(REPO / "data"), finetuning_type="lora",
-                  lora_target="all", learning_rate=1e-3, max_steps=8, per_device_train_batch_size=4, cutoff_len=256,
-                  logging_steps=1, save_steps=100, eval_strategy="steps", eval_steps=4, val_size=0.1,
+                  lora_target="all", learning_rate=1e-3, max_steps=6, per_device_train_batch_size=2, cutoff_len=128,
+                  logging_steps=1, save_steps=100, eval_strategy="steps", eval_steps=3, val_size=0.1,
                   output_dir=str(out), parallel="ps=2", ps_update="dcasgd-c")
     torchrun(values, nproc=3)
     evals = logged_losses(out, "eval_loss")

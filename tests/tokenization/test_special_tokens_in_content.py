@@ -87,9 +87,9 @@ def test_thought_words_stay_tokens_in_an_answer():
 
 def test_generation_prompts(byte_tok, monkeypatch):
     seen = []
-    monkeypatch.setattr(pipeline, "generate_ids", lambda model, tokenizer, ids, config, batch_size: seen.extend(ids)
+    monkeypatch.setattr(pipeline, "generate_ids", lambda model, tokenizer, ids, config, **_: seen.extend(ids)
                         or [None] * len(ids))
-    monkeypatch.setattr(pipeline, "stream", lambda model, tokenizer, ids, config: seen.append(ids) or iter(()))
+    monkeypatch.setattr(pipeline, "stream", lambda model, tokenizer, ids, config, **_: seen.append(ids) or iter(()))
     pretrained = SimpleNamespace(tokenizer=byte_tok, model=None, source="test")
     pipeline.complete(pretrained, [FORGED, "Hi"], chat=True, template="qwen", system="S")
     pipeline.chat(pretrained, [{"role": "user", "content": FORGED}])
