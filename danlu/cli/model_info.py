@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import Optional
 
+from danlu.low_rank.checkpoint import install_low_rank, read_low_rank
 from danlu.models.config import ModelConfig
 from danlu.models.transformer import build_meta_model, count_parameters
 
@@ -16,8 +19,10 @@ def add_parser(sub, name):
     parser.set_defaults(run=run)
 
 
-def describe(config: ModelConfig) -> dict:
+def describe(config: ModelConfig, low_rank: Optional[dict[str, int]] = None) -> dict:
+    """low_rank: a factorized checkpoint's {layer: rank} (danlu factorize), counted as its two factors."""
     model = build_meta_model(config)
+    install_low_rank(model, low_rank or {})
     total = count_parameters(model)
     embedding = config.vocab_size * config.hidden_size
     per_layer = count_parameters(model.model.layers[0])
@@ -29,6 +34,7 @@ def describe(config: ModelConfig) -> dict:
         "parameters_per_layer": per_layer,
         "embedding_parameters": embedding,
         "non_embedding_parameters": total - embedding * (2 if config.has_lm_head and not config.tie_word_embeddings else 1),
+        "factorized_layers": len(low_rank or {}),
         "weights_bytes": {d: int(total * b) for d, b in DTYPE_BYTES.items()},
         # An encoder reads its whole input at once: it keeps no KV cache.
         "kv_cache_bytes_per_token": {d: int(kv_per_token * b) for d, b in DTYPE_BYTES.items()
@@ -49,7 +55,8 @@ def positions_row(c: dict) -> tuple[str, str]:
 def run(args) -> int:
     from danlu.checkpoints.load import load_config
 
-    info = describe(load_config(args.model))
+    low_rank = read_low_rank(args.model) if args.model and (Path(args.model) / "config.json").is_file() else {}
+    info = describe(load_config(args.model), low_rank)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -70,6 +77,9 @@ def run(args) -> int:
         ("parameters", info["parameters"]),
         ("non-embedding parameters", info["non_embedding_parameters"]),
     ]
+    if low_rank:
+        rows.append(("factorized layers", f"{len(low_rank)} (danlu factorize; ranks {min(low_rank.values())}-"
+                                          f"{max(low_rank.values())})"))
     for dtype, n in info["weights_bytes"].items():
         rows.append((f"weights in {dtype}", _gib(n)))
     for dtype, n in info["kv_cache_bytes_per_token"].items():

@@ -264,3 +264,15 @@ def test_commands_that_rewrite_linears_refuse_a_factorized_model(tiny_dirs, tmp_
     assert main(argv) == 2
     assert "takes a plain model, and 14 linear layers of this one are factorized" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_model_info_counts_a_factorized_model_as_it_loads(tiny_dirs, tmp_path, capsys):
+    factorized = tmp_path / "factorized"
+    assert main(["factorize", str(tiny_dirs["llama"]), "--rank", "4", "--output", str(factorized)]) == 0
+    capsys.readouterr()
+    assert main(["model-info", str(factorized), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["parameters"] == count_parameters(tiny(factorized)) < count_parameters(tiny(tiny_dirs["llama"]))
+    assert info["factorized_layers"] == 14
+    assert main(["model-info", str(factorized)]) == 0
+    assert "factorized layers" in capsys.readouterr().out
