@@ -69,7 +69,7 @@ def add_compile_option(parser: argparse.ArgumentParser) -> None:
 
 
 def decoding_of(args) -> str:
-    return "compiled" if getattr(args, "compile", False) else "dynamic"
+    return "compiled" if args.compile else "dynamic"
 
 
 def sampling_config(args) -> GenerationConfig:

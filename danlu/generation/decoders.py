@@ -19,6 +19,7 @@ from typing import Sequence
 import torch
 
 from danlu.generation.kv_cache import KVCache, StaticKVCache
+from danlu.models.transformer import causal_mask
 
 DECODINGS = ("dynamic", "static", "compiled")
 SMALLEST_STATIC_CAPACITY = 256
@@ -101,21 +102,14 @@ class StaticDecoder:
         capacity = static_capacity(self.column + max_new, model.config.max_position_embeddings)
         self.cache = StaticKVCache(model.config, batch, capacity, parameter.dtype, self.device)
         self.pads = torch.tensor(pads, device=self.device)
-        self.keys = torch.arange(capacity, device=self.device)
-        self.valid = self.keys[None, :] >= self.pads[:, None]  # [batch, capacity]: False on left padding
+        self.valid = torch.arange(capacity, device=self.device)[None, :] >= self.pads[:, None]  # False on padding
         self.live = torch.arange(batch, device=self.device)  # rows of the batch still running
         self.tokens = torch.zeros((batch, 1), dtype=torch.long, device=self.device)
         self.forward = compiled_forward() if compiled else _forward
 
     def _mask(self, queries: torch.Tensor) -> torch.Tensor:
-        """[batch, 1, queries, capacity]: causal over columns, within the sliding window, never onto left padding
-        (a padding query sees itself, so that no softmax row is empty)."""
-        allowed = self.keys[None, :] <= queries[:, None]
-        window = self.model.config.sliding_window
-        if window is not None:
-            allowed = allowed & (queries[:, None] - self.keys[None, :] < window)
-        allowed = allowed[None] & self.valid[:, None, :]
-        return (allowed | (self.keys[None, :] == queries[:, None])[None])[:, None]
+        """[batch, 1, queries, capacity]: the model's causal mask over the cache's columns."""
+        return causal_mask(queries, self.valid.shape[1], self.model.config.sliding_window, self.valid)
 
     def _positions(self, columns: torch.Tensor) -> torch.Tensor:
         return (columns[None, :] - self.pads[:, None]).clamp(min=0)

@@ -17,7 +17,7 @@ from pathlib import Path
 from torch import nn
 
 from danlu.checkpoints.errors import CheckpointError
-from danlu.low_rank.linear import LowRankLinear
+from danlu.low_rank.linear import LowRankLinear, factorized_layers
 from danlu.tuning.surgery import plain_name, replace_module
 from danlu.utils.jsonfile import read_json
 
@@ -26,8 +26,7 @@ FIELD = "low_rank"
 
 def low_rank_ranks(model: nn.Module) -> dict[str, int]:
     """{plain name: rank} of the model's factorized layers, in module order (empty for a plain model)."""
-    return {plain_name(name): module.rank for name, module in model.named_modules()
-            if isinstance(module, LowRankLinear)}
+    return {plain_name(name): layer.rank for name, layer in factorized_layers(model).items()}
 
 
 def low_rank_config(model: nn.Module) -> dict:

@@ -66,3 +66,8 @@ class LowRankLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+def factorized_layers(model: nn.Module) -> dict[str, LowRankLinear]:
+    """The model's LowRankLinear layers by module name, in module order."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, LowRankLinear)}

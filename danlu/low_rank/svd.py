@@ -82,21 +82,9 @@ def saves_parameters(out_features: int, in_features: int, rank: int) -> bool:
     return factored_parameters(out_features, in_features, rank) < out_features * in_features
 
 
-def largest_saving_rank(out_features: int, in_features: int) -> int:
-    """The largest rank at which the factors still hold fewer weights than the matrix (0 if none does)."""
-    return (out_features * in_features - 1) // (out_features + in_features)
-
-
 def low_rank_factors(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor,
                      rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(B [out, rank], A [rank, in]) with B @ A the rank-`rank` truncation of U diag(S) Vh."""
     root = s[:rank].sqrt()
     return u[:, :rank] * root, root[:, None] * vh[:rank]
 
-
-def truncated_svd(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, A) for `weight` at `rank` (at most the full rank min(out, in)), in the weight's dtype."""
-    rank = check_rank(rank)
-    u, s, vh = singular_value_decomposition(weight)
-    b, a = low_rank_factors(u, s, vh, min(rank, len(s)))
-    return b.to(weight.dtype), a.to(weight.dtype)

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from danlu.low_rank.linear import LowRankLinear
+from danlu.low_rank.linear import LowRankLinear, factorized_layers
 from danlu.low_rank.svd import (check_energy, check_rank, energy_kept, energy_rank, factored_parameters,
                                 low_rank_factors, saves_parameters, singular_value_decomposition, singular_values)
 from danlu.models.roles import VOCAB, role_of
@@ -99,10 +99,6 @@ def _factorize_layer(model: nn.Module, name: str, linear: nn.Linear, energy, ran
     replace_module(model, name, layer)
     return LayerFactorization(name, out_features, in_features, chosen, energy_kept(s, chosen), before,
                               factored_parameters(out_features, in_features, chosen) + bias_size, True)
-
-
-def factorized_layers(model: nn.Module) -> dict[str, LowRankLinear]:
-    return {name: module for name, module in model.named_modules() if isinstance(module, LowRankLinear)}
 
 
 def densify(model: nn.Module) -> list[str]:

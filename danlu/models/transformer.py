@@ -389,15 +389,22 @@ def attention_bias_mask(attention_mask, past: int, seq: int, sliding_window, dev
     has_padding = attention_mask is not None and not bool(attention_mask.all())
     if not window_bites and not has_padding and (past == 0 or seq == 1):
         return None
-    query_idx = torch.arange(past, total, device=device)[:, None]
-    key_idx = torch.arange(total, device=device)[None, :]
+    return causal_mask(torch.arange(past, total, device=device), total, sliding_window,
+                       attention_mask[:, :total].bool() if has_padding else None)
+
+
+def causal_mask(queries: torch.Tensor, keys: int, sliding_window, valid: Optional[torch.Tensor]) -> torch.Tensor:
+    """Boolean mask [batch or 1, 1, len(queries), keys] (True = may attend): each query (a key position) sees the
+    keys at or before it, within the sliding window, and only the `valid` ones ([batch, keys], False on padding;
+    None: all); a query on padding would then see no key at all (NaN in softmax), so it sees itself."""
+    query_idx = queries[:, None]
+    key_idx = torch.arange(keys, device=queries.device)[None, :]
     allowed = key_idx <= query_idx
     if sliding_window is not None:
         allowed = allowed & (query_idx - key_idx < sliding_window)
     allowed = allowed[None, None]
-    if has_padding:
-        allowed = allowed & attention_mask[:, None, None, :total].bool()
-        # A padding query would see no key at all (NaN in softmax); let it see itself.
+    if valid is not None:
+        allowed = allowed & valid[:, None, None, :]
         allowed = allowed | (query_idx == key_idx)[None, None]
     return allowed
 
