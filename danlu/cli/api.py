@@ -1,6 +1,7 @@
 """`danlu api`: serve a model (and LoRA adapters) over an OpenAI-compatible HTTP API."""
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from danlu.cli.common import add_config_argument, add_model_options, add_template_option, load_from_args
@@ -25,6 +26,11 @@ def add_parser(sub, name):
                         help="requests waiting beyond the batch; more get 429")
     parser.add_argument("--max-tokens", "--max_tokens", dest="max_tokens", type=int, default=512,
                         help="default max_tokens of chat completions")
+    parser.add_argument("--enable-prefix-caching", dest="prefix_caching", action=argparse.BooleanOptionalAction,
+                        default=True, help="keep the keys and values of prompts' beginnings (a system prompt, earlier "
+                                           "turns) for the prompts that start the same way (default: on)")
+    parser.add_argument("--prefix-cache-mib", "--prefix_cache_mib", dest="prefix_cache_mib", type=float,
+                        default=256.0, help="memory the prefix cache may hold, in MiB (default 256)")
     parser.add_argument("--shutdown-timeout", "--shutdown_timeout", dest="shutdown_timeout", type=float,
                         default=30.0, help="on SIGTERM/Ctrl-C, seconds running requests may take to finish before "
                                            "they are aborted")
@@ -54,7 +60,8 @@ def build_engine_and_app(args):
     if lm.tokenizer is None:
         raise ValueError(f"{lm.source} has no tokenizer; serving needs a checkpoint with one")
     adapters = MultiLoRA.load(lm.model, loras) if loras else None
-    engine = Engine(lm.model, lm.tokenizer, max_batch=args.max_batch, max_queue=args.max_queue, adapters=adapters)
+    engine = Engine(lm.model, lm.tokenizer, max_batch=args.max_batch, max_queue=args.max_queue, adapters=adapters,
+                    prefix_cache_mib=args.prefix_cache_mib if args.prefix_caching else 0)
     name = args.served_model_name or Path(lm.source).name.removesuffix(".gguf")
     app = create_app(engine, name, args.template, args.api_key, args.max_tokens)
     return engine, app, name

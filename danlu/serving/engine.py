@@ -16,6 +16,7 @@ from typing import Callable, Optional
 from danlu.generation.sampling import GenerationConfig
 from danlu.generation.sequence import SequenceState, TokenChoice
 from danlu.serving.metrics import Metrics
+from danlu.serving.prefix_cache import PrefixCache
 from danlu.serving.runner import ModelRunner
 from danlu.serving.scheduler import QueueFull, Scheduler
 from danlu.utils.progress import logger
@@ -63,19 +64,31 @@ class Request:
         return self.state.generated if self.state is not None else []
 
 
+def prefix_cache_for(model, mib: float, block_size: int = 16) -> Optional[PrefixCache]:
+    """A prefix cache of at most `mib` MiB for the model's keys and values (None for 0: no prefix caching)."""
+    if mib < 0:
+        raise ValueError(f"the prefix cache size must be 0 (off) or more MiB, got {mib}")
+    config, parameter = model.config, next(model.parameters())
+    block_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * block_size * \
+        parameter.element_size()
+    blocks = int(mib * 2**20 // block_bytes)
+    return PrefixCache(block_size, blocks) if blocks else None
+
+
 class Engine:
     def __init__(self, model, tokenizer, max_batch: int = 16, max_queue: int = 64,
                  eos_ids: Optional[list[int]] = None, adapters=None, prefill_chunk: int = 512,
-                 prefill_token_budget: int = 4096):
+                 prefill_token_budget: int = 4096, prefix_cache_mib: float = 256.0):
         self.tokenizer = tokenizer
         self.vocab_size = model.config.vocab_size
         self.eos_ids = list(eos_ids if eos_ids is not None else model.config.eos_token_ids)
         self.adapters = adapters  # a MultiLoRA (per-row adapters) or None
-        self.runner = ModelRunner(model, max_batch, adapters, prefill_chunk)
+        self.runner = ModelRunner(model, max_batch, adapters, prefill_chunk,
+                                  prefix_cache_for(model, prefix_cache_mib))
         self.context = self.runner.context
         self.max_batch = max_batch
         self.scheduler = Scheduler(max_batch, max_queue, prefill_token_budget)
-        self.metrics = Metrics()
+        self.metrics = Metrics(self.runner.prefix_cache)
         self._stop = threading.Event()
         self._accepting = True
         self._thread: Optional[threading.Thread] = None
@@ -241,6 +254,7 @@ class Engine:
             return
         request.ended = True
         if reason in ("stop", "length") and request.state is not None:
+            self.runner.remember(request.slot, request.prompt_ids + request.generated, request.adapter)
             tail = request.state.flush()
             if tail:
                 self._emit(request, Event(text=tail, completion_tokens=len(request.generated)))

@@ -32,8 +32,9 @@ class Histogram:
 
 
 class Metrics:
-    def __init__(self):
+    def __init__(self, prefix_cache=None):
         self._lock = threading.Lock()
+        self.prefix_cache = prefix_cache  # its token counters are reported, when there is one
         self.requests = Counter()  # by finish reason
         self.prompt_token_count = 0
         self.generation_token_count = 0
@@ -80,5 +81,16 @@ class Metrics:
                 "# HELP danlu:time_per_output_token_seconds Time of the decode step that gave a token.",
                 "# TYPE danlu:time_per_output_token_seconds histogram",
                 *self.per_token.lines("danlu:time_per_output_token_seconds"),
+                *self._prefix_cache_lines(),
             ]
         return "\n".join(lines) + "\n"
+
+    def _prefix_cache_lines(self) -> list[str]:
+        if self.prefix_cache is None:
+            return []
+        return ["# HELP danlu:prefix_cache_queries_total Prompt tokens looked up in the prefix cache.",
+                "# TYPE danlu:prefix_cache_queries_total counter",
+                f"danlu:prefix_cache_queries_total {self.prefix_cache.queried_tokens}",
+                "# HELP danlu:prefix_cache_hits_total Prompt tokens found in the prefix cache (not prefilled).",
+                "# TYPE danlu:prefix_cache_hits_total counter",
+                f"danlu:prefix_cache_hits_total {self.prefix_cache.hit_tokens}"]
