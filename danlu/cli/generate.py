@@ -56,7 +56,8 @@ def run(args) -> int:
     bar.update(len(records) - len(todo))
     for start in range(0, len(todo), args.batch_size):
         chunk = todo[start:start + args.batch_size]
-        completions = generate(lm.model, tokenizer, [encode(r) for r in chunk], config, decoding=decoding_of(args))
+        completions = generate(lm.model, tokenizer, [encode(r) for r in chunk], config, decoding=decoding_of(args),
+                               prompt_indices=[r.index for r in chunk])  # a seeded answer: the same after a resume
         results = []
         for record, completion in zip(chunk, completions):
             prompt = record.prompt if record.prompt is not None else record.messages

@@ -7,13 +7,14 @@ Asked with `logprobs=True`, `decode_steps` and `generate` also give each sampled
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
 from danlu.generation.decoders import make_decoder
-from danlu.generation.sampling import GenerationConfig, next_tokens
-from danlu.generation.text import IncrementalDecoder, find_stop
+from danlu.generation.sampling import GenerationConfig
+from danlu.generation.sequence import SequenceState, TokenChoice
+from danlu.generation.text import find_stop
 
 
 @dataclass
@@ -31,6 +32,7 @@ class Step:
     token: int
     finish_reason: Optional[str]  # set on the row's last step
     logprob: Optional[float] = None  # when decode_steps is asked for log-probs
+    text: str = ""  # the row's text made final by this token, when decode_steps has a tokenizer
 
 
 class ContextOverflow(ValueError):
@@ -38,15 +40,18 @@ class ContextOverflow(ValueError):
 
 
 def decode_steps(model, prompts: Sequence[Sequence[int]], config: GenerationConfig, eos_ids: Sequence[int],
-                 pad_id: int = 0, should_stop: Optional[Callable[[int, list[int]], bool]] = None,
-                 logprobs: bool = False, decoding: str = "dynamic") -> Iterator[list[Step]]:
+                 pad_id: int = 0, tokenizer=None, logprobs: bool = False, decoding: str = "dynamic",
+                 prompt_indices: Optional[Sequence[int]] = None) -> Iterator[list[Step]]:
     """Yield, per decoding step, the token chosen for every row still running.
 
-    A row ends on an EOS token, when `should_stop(row, generated_ids)` says so, or at max_new_tokens;
-    finished rows leave the batch so the rest run faster. With `logprobs`, each Step carries its token's
+    Each row is one SequenceState (generation/sequence.py), as each request is in the server: its own seed
+    (`config.for_row(index)`, the prompt's index in the whole job, 0, 1, ... unless `prompt_indices` says: the
+    same answer whatever batch it is decoded in, as the server's n choices), seen tokens, end of
+    sequence, stop strings (with a `tokenizer`, which also gives each Step's final text) and max_new_tokens.
+    Finished rows leave the batch so the rest run faster. With `logprobs`, each Step carries its token's
     log-probability (see `sampled_token_logprobs`). `decoding`: "dynamic" (a growing cache), "static" or
-    "compiled" (fixed shapes, the step under torch.compile): see danlu.generation.decoders. The tokens are the
-    same whichever way: rows are sampled alike, and a finished row draws no more random numbers.
+    "compiled" (fixed shapes, the step under torch.compile): see danlu.generation.decoders; the tokens are the
+    same whichever way.
     """
     if not model.config.causal:
         raise ValueError(f"{model.config.name or 'this model'} is an encoder (causal=False): it has no "
@@ -60,35 +65,25 @@ def decode_steps(model, prompts: Sequence[Sequence[int]], config: GenerationConf
         raise ContextOverflow(f"prompt of {longest} tokens does not fit the context of {context} tokens "
                               f"(over by {longest - context + 1})")
     max_new = min(config.max_new_tokens, context - longest)
+    indices = range(len(prompts)) if prompt_indices is None else prompt_indices
+    states = [SequenceState(p, config.for_row(index), eos_ids, tokenizer, model.config.vocab_size, device,
+                            max_new_tokens=max_new) for index, p in zip(indices, prompts)]
     decoder = make_decoder(model, prompts, pad_id, max_new, decoding)
-    generator = None
-    if config.seed is not None and not config.greedy:
-        generator = torch.Generator(device=device).manual_seed(config.seed)
-    seen = None
-    if config.repetition_penalty != 1.0:
-        seen = torch.zeros((len(prompts), model.config.vocab_size), dtype=torch.bool, device=device)
-        for i, p in enumerate(prompts):
-            seen[i, list(p)] = True
-    eos = torch.tensor(list(eos_ids) or [-1], device=device)
     rows = list(range(len(prompts)))  # original index of each live batch row
-    generated: list[list[int]] = [[] for _ in prompts]
     with torch.inference_mode():
         logits = decoder.prefill()
-        for step in range(max_new):
-            tokens = next_tokens(logits, config, seen, generator)
-            steps, keep = [], []
-            is_eos = torch.isin(tokens, eos).tolist()
+        while True:
+            tokens = torch.tensor([states[row].choose(row_logits).token for row, row_logits in zip(rows, logits)],
+                                  device=device)
             token_logprobs = [None] * len(rows)
             if logprobs:
                 token_logprobs = sampled_token_logprobs(logits, tokens, config.temperature).tolist()
+            steps, keep = [], []
             for j, (row, token) in enumerate(zip(rows, tokens.tolist())):
-                generated[row].append(token)
-                reason = None
-                if is_eos[j] or (should_stop is not None and should_stop(row, generated[row])):
-                    reason = "stop"
-                elif step == max_new - 1:
-                    reason = "length"
-                steps.append(Step(row, token, reason, token_logprobs[j]))
+                text, reason = states[row].accept(TokenChoice(token))
+                if reason is not None:
+                    text += states[row].flush()  # what was held back as a possible stop string is final now
+                steps.append(Step(row, token, reason, token_logprobs[j], text))
                 if reason is None:
                     keep.append(j)
             yield steps
@@ -98,10 +93,7 @@ def decode_steps(model, prompts: Sequence[Sequence[int]], config: GenerationConf
                 index = torch.tensor(keep, device=device)
                 decoder.keep(index)
                 tokens = tokens[index]
-                seen = seen[index] if seen is not None else None
                 rows = [rows[j] for j in keep]
-            if seen is not None:
-                seen[torch.arange(len(rows), device=device), tokens] = True
             logits = decoder.step(tokens)
 
 
@@ -121,34 +113,37 @@ def sampled_token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperatu
 
 def generate(model, tokenizer, prompts: Sequence[Sequence[int]], config: GenerationConfig,
              eos_ids: Optional[Sequence[int]] = None, batch_size: Optional[int] = None,
-             logprobs: bool = False, keep_eos: bool = False, decoding: str = "dynamic") -> list[Completion]:
+             logprobs: bool = False, keep_eos: bool = False, decoding: str = "dynamic",
+             prompt_indices: Optional[Sequence[int]] = None) -> list[Completion]:
     """Complete token-id prompts; answers stop at EOS, at a stop string (cut off), or at max_new_tokens.
 
     With `logprobs`, each Completion also holds the log-probability of each of its token_ids. With `keep_eos`
-    the EOS token that ended an answer stays in its token_ids (an RLHF policy learns when to stop).
+    the EOS token that ended an answer stays in its token_ids (an RLHF policy learns when to stop). A seeded
+    answer is the same whatever `batch_size`: the i-th prompt samples with seed + i, as the API's i-th choice
+    (`prompt_indices`: each prompt's index in a larger job, e.g. the lines of a file being resumed).
     `decoding`: as for decode_steps ("compiled" for the torch.compile'd step).
     """
     eos_ids = model.config.eos_token_ids if eos_ids is None else list(eos_ids)
     batch_size = batch_size or len(prompts)
+    indices = list(range(len(prompts)) if prompt_indices is None else prompt_indices)
+    if len(indices) != len(prompts):
+        raise ValueError(f"{len(indices)} prompt_indices for {len(prompts)} prompts")
     results: list[Completion] = []
     for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
-        results.extend(_generate_batch(model, tokenizer, chunk, config, eos_ids, logprobs, keep_eos, decoding))
+        results.extend(_generate_batch(model, tokenizer, prompts[start:start + batch_size], config, eos_ids,
+                                       logprobs, keep_eos, decoding, indices[start:start + batch_size]))
     return results
 
 
 def _generate_batch(model, tokenizer, prompts, config, eos_ids, logprobs: bool, keep_eos: bool,
-                    decoding: str) -> list[Completion]:
+                    decoding: str, prompt_indices: Sequence[int]) -> list[Completion]:
     tokens: list[list[int]] = [[] for _ in prompts]
     token_logprobs: list[list[float]] = [[] for _ in prompts]
     reasons: list[str] = ["length"] * len(prompts)
-
-    def stop_string_seen(row: int, ids: list[int]) -> bool:
-        return find_stop(tokenizer.decode(ids[-32:], skip_special_tokens=True), config.stop) is not None
-
-    should_stop = stop_string_seen if config.stop else None
     pad_id = pad_token_id(tokenizer, model.config)
-    for steps in decode_steps(model, prompts, config, eos_ids, pad_id, should_stop, logprobs, decoding):
+    # the tokenizer is only needed to see stop strings as they are decoded; the answers' text is made once below
+    watcher = tokenizer if config.stop else None
+    for steps in decode_steps(model, prompts, config, eos_ids, pad_id, watcher, logprobs, decoding, prompt_indices):
         for s in steps:
             if keep_eos or s.token not in eos_ids:
                 tokens[s.row].append(s.token)
@@ -173,24 +168,14 @@ def stream(model, tokenizer, prompt: Sequence[int], config: GenerationConfig,
     When `finish` is given, its "reason" and "tokens" keys are filled in when the stream ends.
     """
     eos_ids = model.config.eos_token_ids if eos_ids is None else list(eos_ids)
-    decoder = IncrementalDecoder(tokenizer, config.stop)
-    reason = "length"
-    count = 0
-    for steps in decode_steps(model, [prompt], config, eos_ids, pad_token_id(tokenizer, model.config),
-                              lambda _row, _ids: decoder.stopped, decoding=decoding):
+    reason, count = "length", 0
+    for steps in decode_steps(model, [prompt], config, eos_ids, pad_token_id(tokenizer, model.config), tokenizer,
+                              decoding=decoding):
         step = steps[0]
         count += 1
-        if step.token not in eos_ids:
-            piece = decoder.add(step.token)
-            if piece:
-                yield piece
-        if step.finish_reason:
-            reason = step.finish_reason
-    if decoder.stopped:
-        reason = "stop"
-    tail = decoder.flush()
-    if tail:
-        yield tail
+        if step.text:
+            yield step.text
+        reason = step.finish_reason or reason
     if finish is not None:
         finish.update(reason=reason, tokens=count)
 

@@ -51,6 +51,14 @@ class GenerationConfig:
             raise ValueError(f"unknown generation setting(s) {unknown}; known: {sorted(known)}")
         return GenerationConfig(**{**asdict(self), **changes})
 
+    def for_row(self, index: int) -> "GenerationConfig":
+        """The settings of the index-th answer of one call (n choices, a batch of prompts): seed + index, so the
+        answers are different samples and each is the same whatever batch it is decoded in (wrapping within the
+        seed range). Unseeded settings are shared as they are."""
+        if index == 0 or self.seed is None:
+            return self
+        return self.updated(seed=(self.seed + index) % (MAX_SEED + 1))
+
     def with_stops(self, stops) -> "GenerationConfig":
         """This config with more stop strings (a template's end markers), none repeated."""
         extra = [s for s in dict.fromkeys(stops) if s not in self.stop]

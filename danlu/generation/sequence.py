@@ -1,6 +1,6 @@
 """One answer being decoded, token by token: its seed, the tokens it has seen (repetition penalty), its stop strings
-and end-of-sequence ids, and the text handed out so far. The server keeps one per request; sampling a row never
-depends on the other rows of the batch."""
+and end-of-sequence ids, and the text handed out so far. The server keeps one per request, and `decode_steps`
+(generate, stream, chat) one per row: sampling a row never depends on the other rows of the batch."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -20,8 +20,11 @@ class TokenChoice:
 
 
 class SequenceState:
-    def __init__(self, prompt_ids: Sequence[int], config: GenerationConfig, eos_ids: Sequence[int], tokenizer,
-                 vocab_size: int, device="cpu", ignore_eos: bool = False, top_logprobs: Optional[int] = None):
+    def __init__(self, prompt_ids: Sequence[int], config: GenerationConfig, eos_ids: Sequence[int],
+                 tokenizer: Optional[object], vocab_size: int, device="cpu", ignore_eos: bool = False,
+                 top_logprobs: Optional[int] = None, max_new_tokens: Optional[int] = None):
+        """`tokenizer` None: no text is made (nor stop strings looked for). `max_new_tokens`: a bound below the
+        config's (what the context leaves)."""
         self.config, self.eos_ids, self.ignore_eos = config, set(eos_ids), ignore_eos
         self.top_logprobs = top_logprobs
         self.generator = None
@@ -31,7 +34,10 @@ class SequenceState:
         if config.repetition_penalty != 1.0:
             self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
             self.seen[list(prompt_ids)] = True
-        self.decoder = IncrementalDecoder(tokenizer, config.stop)
+        if tokenizer is None and config.stop:
+            raise ValueError("stop strings need a tokenizer to see them in the text")
+        self.decoder = IncrementalDecoder(tokenizer, config.stop) if tokenizer is not None else None
+        self.max_new_tokens = min(config.max_new_tokens, max_new_tokens or config.max_new_tokens)
         self.generated: list[int] = []
         self.logprobs: list[TokenChoice] = []
 
@@ -58,13 +64,13 @@ class SequenceState:
             self.seen[token] = True
         if token in self.eos_ids and not self.ignore_eos:
             return "", "stop"
-        piece = self.decoder.add(token)
-        if self.decoder.stopped:
+        piece = self.decoder.add(token) if self.decoder is not None else ""
+        if self.decoder is not None and self.decoder.stopped:
             return piece, "stop"
-        if len(self.generated) >= self.config.max_new_tokens:
+        if len(self.generated) >= self.max_new_tokens:
             return piece, "length"
         return piece, None
 
     def flush(self) -> str:
         """Text held back as a possible stop string, final once the answer has ended."""
-        return self.decoder.flush()
+        return self.decoder.flush() if self.decoder is not None else ""

@@ -338,7 +338,7 @@ class Service:
         top = (body.top_logprobs or 0) if body.logprobs else None
         if body.top_logprobs and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-        jobs = [(prompt, seeded(config, i)) for i in range(body.n)]
+        jobs = [(prompt, config.for_row(i)) for i in range(body.n)]
         if body.stream:
             return self.stream_response(body, jobs, adapter, http, chat=True, top=top, logprobs=body.logprobs)
         results = await self.run_group(jobs, adapter, http, body.ignore_eos, top)
@@ -360,7 +360,7 @@ class Service:
             body.max_tokens = 16  # OpenAI's default for completions
         config = self.generation_config(body, [])
         top = body.logprobs
-        jobs = [(ids, seeded(config, i)) for ids in encoded for i in range(body.n)]
+        jobs = [(ids, config.for_row(i)) for ids in encoded for i in range(body.n)]
         if body.stream:
             if len(jobs) != 1:
                 raise APIError(400, "streaming takes one prompt and n = 1", param="prompt")
@@ -562,10 +562,3 @@ def sse(chunk: BaseModel) -> str:
 def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
     return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                  total_tokens=prompt_tokens + completion_tokens)
-
-
-def seeded(config: GenerationConfig, index: int) -> GenerationConfig:
-    """The i-th of n choices: a different seed each, so n > 1 gives n samples (wrapping within the seed range)."""
-    if index == 0 or config.seed is None:
-        return config
-    return config.updated(seed=(config.seed + index) % (MAX_SEED + 1))

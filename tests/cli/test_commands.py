@@ -74,6 +74,21 @@ def test_generate_txt_then_resume(capsys, tiny_chat_dir, prompts_txt, tmp_path):
     assert "all 3 prompts already answered" in stdout
 
 
+def test_seeded_sampling_gives_each_line_its_answer_whatever_the_batches_and_resumes(capsys, tiny_chat_dir,
+                                                                                    prompts_txt, tmp_path):
+    def answers(out, batch_size):
+        args = ["generate", "--model", str(tiny_chat_dir), "--input", str(prompts_txt), "--output", str(out),
+                "--max_new_tokens", "8", "--temperature", "1.0", "--top_k", "0", "--seed", "5",
+                "--batch_size", str(batch_size), "--chat"]
+        assert run(capsys, *args)[0] == 0
+        return {r["index"]: r["response"] for r in map(json.loads, out.read_text().splitlines())}
+
+    whole = answers(tmp_path / "whole.jsonl", 3)
+    resumed = tmp_path / "resumed.jsonl"
+    resumed.write_text((tmp_path / "whole.jsonl").read_text().splitlines(keepends=True)[1])  # line 1 answered
+    assert answers(resumed, 1) == whole  # lines 0 and 2 sampled alone, after a resume: as in one batch
+
+
 def test_generate_jsonl_with_messages_and_extra_fields(capsys, tiny_chat_dir, tmp_path):
     src = tmp_path / "in.jsonl"
     src.write_text(json.dumps({"id": "a", "messages": [{"role": "user", "content": "Hi"}]}) + "\n" +

@@ -126,3 +126,52 @@ def test_stream_yields_the_same_text_as_generate(tiny):
     finish = {}
     assert "".join(stream(tiny, ByteTokenizer(), PROMPTS[0], config, eos_ids=[], finish=finish)) == whole
     assert finish == {"reason": "length", "tokens": 12}
+
+
+# ---------------------------------------------------------------- one sampling state per row (generation/sequence.py)
+
+SAMPLED = GenerationConfig(max_new_tokens=12, temperature=1.0, top_k=0, top_p=1.0, seed=7, repetition_penalty=1.3)
+
+
+def test_a_seeded_answer_is_the_same_whatever_batch_it_is_decoded_in(tiny):
+    prompts = PROMPTS + [[5, 6, 7]]
+    together = [c.token_ids for c in generate(tiny, LetterTokenizer(), prompts, SAMPLED, eos_ids=[])]
+    for batch_size in (1, 3):
+        assert [c.token_ids for c in generate(tiny, LetterTokenizer(), prompts, SAMPLED, eos_ids=[],
+                                              batch_size=batch_size)] == together
+    assert together[3] != together[0]  # the same prompt twice: two samples (seed 7 + 3 against 7)
+    first_alone = generate(tiny, LetterTokenizer(), [prompts[0]], SAMPLED, eos_ids=[])[0].token_ids
+    assert first_alone == together[0] and "".join(stream(tiny, LetterTokenizer(), prompts[0], SAMPLED,
+                                                         eos_ids=[])) == LetterTokenizer().decode(together[0])
+
+
+def test_the_ith_prompt_samples_as_the_servers_ith_choice(tiny):
+    from fastapi.testclient import TestClient
+
+    from danlu.serving.api import create_app
+    from danlu.serving.engine import Engine
+    from tests.serving.test_api_unit import CharTokenizer
+
+    tokenizer = CharTokenizer()
+    engine = Engine(tiny, tokenizer, max_batch=3, eos_ids=[]).start()
+    try:
+        body = {"model": "tiny", "prompt": "abc", "max_tokens": 12, "n": 3, "seed": 7, "temperature": 1.0,
+                "top_p": 1.0, "repetition_penalty": 1.3}
+        served = [c["text"] for c in TestClient(create_app(engine, "tiny")).post("/v1/completions", json=body)
+                  .json()["choices"]]
+    finally:
+        engine.stop()
+    ids = tokenizer("abc")["input_ids"]
+    config = SAMPLED.updated(top_k=0)
+    assert served == [c.text for c in generate(tiny, tokenizer, [ids] * 3, config, eos_ids=[])]
+    assert len(set(served)) == 3
+
+
+def test_a_stop_string_ends_each_row_where_it_appears_in_a_batch_as_alone(tiny):
+    config = SAMPLED.updated(max_new_tokens=40, stop=["e"])
+    together = generate(tiny, LetterTokenizer(), PROMPTS, config, eos_ids=[])
+    for i, completion in enumerate(together):
+        alone = generate(tiny, LetterTokenizer(), [PROMPTS[i]], config.for_row(i), eos_ids=[])[0]
+        assert (completion.text, completion.finish_reason) == (alone.text, alone.finish_reason)
+        assert "e" not in completion.text and (completion.finish_reason == "stop" or len(completion.token_ids) == 40)
+    assert any(c.finish_reason == "stop" for c in together)
