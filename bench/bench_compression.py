@@ -8,6 +8,8 @@ Rows (all from the bundled Q4_1 GGUF):
   transformers float32   AutoModelForCausalLM.from_pretrained(dir, gguf_file=..., dtype=torch.float32)
   danlu float32 / bf16   danlu.load(gguf, dtype="float32" / "bfloat16")
   danlu int8             the float32 load, then danlu.quantization.transform.quantize(model, "int8")
+  danlu int8 W8A8        danlu int8 with use_int8_activations: activations quantized per row (dynamic) from 5 rows
+                         on, one torch._int_mm (VNNI/AMX) per layer; its ppl windows take that path too
   danlu int4 gG          the float32 load, then quantize(model, "int4", group_size=G): int4's default, a zero point
                          per group; "sym" symmetric (a scale only)
   danlu GGUF Q4_1        danlu.load(gguf) (dtype "auto"): the file's 4-bit blocks kept and computed on
@@ -87,6 +89,7 @@ class Method:
     kind: Optional[str] = None           # "int8" | "int4": which of the issue's targets apply
     load: bool = False                   # load time measured (fresh process)
     decoding: str = "dynamic"            # generate's decoding: "compiled" = the static step under torch.compile
+    int8_activations: bool = False       # quantization.transform.use_int8_activations (W8A8, dynamic per row)
 
 
 METHODS = [
@@ -94,6 +97,7 @@ METHODS = [
     Method(DANLU_REFERENCE, load=True),
     Method("danlu bf16", dtype="bfloat16"),
     Method("danlu int8", quant=("int8", None, None), kind="int8"),
+    Method("danlu int8 W8A8", quant=("int8", None, None), kind="int8", int8_activations=True),
     Method("danlu int4 g32", quant=("int4", 32, None), kind="int4"),  # None: int4's default, a zero point
     Method("danlu int4 g32 sym", quant=("int4", 32, True), kind="int4"),
     Method("danlu int4 g64", quant=("int4", 64, None), kind="int4"),
@@ -101,6 +105,8 @@ METHODS = [
     Method(GGUF_ROW, dtype="auto", kind="int4", load=True),
     Method("danlu float32 compiled", decoding="compiled"),
     Method("danlu int8 compiled", quant=("int8", None, None), kind="int8", decoding="compiled"),
+    Method("danlu int8 W8A8 compiled", quant=("int8", None, None), kind="int8", decoding="compiled",
+           int8_activations=True),
     Method("danlu int4 g32 compiled", quant=("int4", 32, None), kind="int4", decoding="compiled"),
     Method(GGUF_ROW + " compiled", dtype="auto", kind="int4", decoding="compiled"),
     Method(LLAMACPP_ROW, engine="llama.cpp"),
@@ -151,13 +157,14 @@ def load_row(method: Method, gguf: Path):
         return AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                     dtype=torch.float32).eval(), None
     import danlu
-    from danlu.quantization.transform import prepare_kernels, quantize
+    from danlu.quantization.transform import prepare_kernels, quantize, use_int8_activations
 
     lm = danlu.load(str(gguf), dtype=method.dtype, device="cpu")
     seconds = None
     if method.quant:
         kind, group_size, symmetric = method.quant
         seconds, _ = timed(lambda: quantize(lm.model, kind, group_size=group_size, symmetric=symmetric))
+        use_int8_activations(lm.model, method.int8_activations)
     prepare_kernels(lm.model)  # the kernel layouts now, not inside the first timed call (warm-up does it too)
     return lm, seconds
 

@@ -10,6 +10,12 @@ The kernels (aten ops, no extension to build):
 On CUDA there is no int8 kernel: the reference path `F.linear(x, codes.to(x.dtype)) * scales` is what
 torch.compile fuses (gpt-fast's int8 path).
 
+And for int8 per-row weights with more than a few rows of activations (a batch decoding together, a prefill), the
+activations are quantized too, per row (dynamic absmax / 127, SmoothQuant's per-token scheme without the
+smoothing), and multiplied with the codes in one integer matrix product, `torch._int_mm` (VNNI / AMX on x86).
+Measured here (1 thread, 576 -> 1536): 8 rows 198 us vs 350 us for `_weight_int8pack_mm`, 64 rows 434 us vs
+1144 us for float32 F.linear, 512 rows 3.6 ms vs 7.4 ms; at 1-4 rows the weight-only kernel is faster.
+
 Every packed form is built from the portable codes by `pack_for_kernel` and depends on the device; the
 reference path (`dequantize` + F.linear in the activations' dtype) works everywhere and is the one to
 compare against.
@@ -39,6 +45,7 @@ class KernelWeight:
     zeros: Optional[torch.Tensor]  # int8 asymmetric: [out] in the activations' dtype
     out_features: int
     padded_in: int
+    float_scales: Optional[torch.Tensor] = None  # int8: [out] float32, for the int8-activation product
 
 
 def has_int4_kernel(device: torch.device) -> bool:
@@ -65,7 +72,7 @@ def pack_for_kernel(weight: QuantizedWeight) -> Optional[KernelWeight]:
         if pad:  # columns of zero codes add nothing; without padding the kernel shares the layer's own codes
             codes = F.pad(codes, (0, pad))
         return KernelWeight("int8", codes.contiguous(), weight.scales[:, 0].to(KERNEL_DTYPE), zeros, out,
-                            codes.shape[1])
+                            codes.shape[1], weight.scales[:, 0].float().contiguous())
     if not has_int4_kernel(device) or weight.codes.shape[1] % 2:
         return None
     codes, scales = weight.codes, weight.scales
@@ -102,6 +109,24 @@ def kernel_linear(x: torch.Tensor, weight: KernelWeight, group_size: int) -> tor
     else:
         y = torch.ops.aten._weight_int4pack_mm(flat, weight.packed, group_size, weight.scales)
     return y[:, :weight.out_features].to(x.dtype).reshape(*leading, weight.out_features)
+
+
+def has_int8_matmul(device: torch.device) -> bool:
+    return device.type == "cpu" and hasattr(torch, "_int_mm")
+
+
+def int8_activation_linear(x: torch.Tensor, weight: KernelWeight) -> torch.Tensor:
+    """x [..., in] @ W^T with x quantized per row to int8: an int32 product of the codes, rescaled by both scales."""
+    leading = x.shape[:-1]
+    rows = x.reshape(-1, x.shape[-1]).float()
+    if rows.shape[1] < weight.padded_in:
+        rows = F.pad(rows, (0, weight.padded_in - rows.shape[1]))
+    row_scales = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
+    codes = torch.round(rows / row_scales).to(torch.int8)
+    y = torch._int_mm(codes, weight.packed.t()).float() * row_scales * weight.float_scales
+    if weight.zeros is not None:  # w = q * s + z: the zero adds z times the sum of the inputs
+        y = y + rows.sum(dim=1, keepdim=True) * weight.zeros.float()
+    return y.to(x.dtype).reshape(*leading, weight.out_features)
 
 
 def reference_linear(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:

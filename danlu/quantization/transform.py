@@ -70,6 +70,18 @@ def mark_head(layer: WeightOnlyLinear, name: str) -> WeightOnlyLinear:
     return layer
 
 
+def use_int8_activations(model: nn.Module, on: bool = True) -> int:
+    """Quantize activations too (per row, dynamic: kernels.int8_activation_linear) in the int8 per-row layers, from
+    a few rows on (a batch, a prefill); returns how many layers take them. Faster from 8 rows (2x at a prefill) but
+    not the default: without SmoothQuant's smoothing, SmolLM2's outlier channels (a row's largest activation is
+    20-57x its mean) cost +2.9% perplexity (26.15 -> 26.91) against +0% for weight-only int8."""
+    layers = [layer for layer in quantized_layers(model).values()
+              if layer.bits == 8 and layer.group_size == layer.in_features]
+    for layer in layers:
+        layer.int8_activations = on
+    return len(layers)
+
+
 def quantized_layers(model: nn.Module) -> dict[str, WeightOnlyLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, WeightOnlyLinear)}
 
