@@ -10,6 +10,10 @@ Rows (all from the bundled Q4_1 GGUF):
   danlu int8             the float32 load, then danlu.quantization.transform.quantize(model, "int8")
   danlu int8 W8A8        danlu int8 with use_int8_activations: activations quantized per row (dynamic) from 5 rows
                          on, one torch._int_mm (VNNI/AMX) per layer; its ppl windows take that path too
+  ... SmoothQuant W8A8    the same after SmoothQuant's smoothing (danlu.quantization.smooth, alpha "auto" per group of
+                         layers, calibrated on 4,096 tokens of danlu_text.jsonl's other paragraphs, each a user turn
+                         of the chat template, as danlu quantize --int8-activations does; ~20 s, not in
+                         the quantize() time)
   danlu int4 gG          the float32 load, then quantize(model, "int4", group_size=G): int4's default, a zero point
                          per group; "sym" symmetric (a scale only)
   danlu GGUF Q4_1        danlu.load(gguf) (dtype "auto"): the file's 4-bit blocks kept and computed on
@@ -90,6 +94,7 @@ class Method:
     load: bool = False                   # load time measured (fresh process)
     decoding: str = "dynamic"            # generate's decoding: "compiled" = the static step under torch.compile
     int8_activations: bool = False       # quantization.transform.use_int8_activations (W8A8, dynamic per row)
+    smooth: bool = False                 # quantization.smooth (SmoothQuant, alpha "auto") before quantizing
 
 
 METHODS = [
@@ -107,6 +112,10 @@ METHODS = [
     Method("danlu int8 compiled", quant=("int8", None, None), kind="int8", decoding="compiled"),
     Method("danlu int8 W8A8 compiled", quant=("int8", None, None), kind="int8", decoding="compiled",
            int8_activations=True),
+    Method("danlu int8 SmoothQuant W8A8", quant=("int8", None, None), kind="int8", int8_activations=True,
+           smooth=True),
+    Method("danlu int8 SmoothQuant W8A8 compiled", quant=("int8", None, None), kind="int8", decoding="compiled",
+           int8_activations=True, smooth=True),
     Method("danlu int4 g32 compiled", quant=("int4", 32, None), kind="int4", decoding="compiled"),
     Method(GGUF_ROW + " compiled", dtype="auto", kind="int4", decoding="compiled"),
     Method(LLAMACPP_ROW, engine="llama.cpp"),
@@ -163,10 +172,23 @@ def load_row(method: Method, gguf: Path):
     seconds = None
     if method.quant:
         kind, group_size, symmetric = method.quant
+        if method.smooth:
+            smooth_row(lm)
         seconds, _ = timed(lambda: quantize(lm.model, kind, group_size=group_size, symmetric=symmetric))
         use_int8_activations(lm.model, method.int8_activations)
     prepare_kernels(lm.model)  # the kernel layouts now, not inside the first timed call (warm-up does it too)
     return lm, seconds
+
+
+def smooth_row(lm) -> None:
+    """SmoothQuant with alpha "auto", calibrated on 4,096 tokens of the paragraphs the perplexity does not use, each a
+    user turn of the chat template."""
+    from danlu.quantization.smooth import activation_statistics, calibration_batches, calibration_ids, smooth
+
+    lines = [json.loads(line)["text"] for line in TEXT.read_text(encoding="utf-8").splitlines() if line.strip()]
+    ids = calibration_ids(lm.tokenizer, lines[:-PPL_PARAGRAPHS])  # as `danlu quantize --int8-activations`
+    maxima, samples = activation_statistics(lm.model, calibration_batches(ids), sample_rows=512)
+    smooth(lm.model, maxima, "auto", samples)
 
 
 def load_rows(methods: list[Method], gguf: Path) -> dict:

@@ -18,7 +18,7 @@ from danlu.low_rank.checkpoint import install_low_rank, read_low_rank
 from danlu.models.config import ModelConfig
 from danlu.models.presets import PRESETS, get_preset
 from danlu.models.transformer import Transformer, build_meta_model
-from danlu.quantization.transform import install_quantized
+from danlu.quantization.transform import install_quantized, use_int8_activations
 from danlu.quantization.weights import QuantizedWeight, quantize_weight
 from danlu.utils.jsonfile import read_json
 from danlu.utils.progress import logger
@@ -253,6 +253,8 @@ def _load_torchao(directory: Path, dtype, device, keep_quantized: bool) -> Pretr
     state = {name: value if keep_quantized and isinstance(value, QuantizedWeight) else _dequantized(value, dtype)
              for name, value in state.items()}
     model = model_from_state_dict(config, state, device)
+    if keep_quantized and torchao_format.reads_int8_activations(directory):
+        use_int8_activations(model)
     return Pretrained(model, load_tokenizer_if_present(directory), config, str(directory),
                       generation_defaults(directory))
 

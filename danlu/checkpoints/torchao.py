@@ -70,6 +70,7 @@ from danlu.utils.atomic import atomic_directory
 from danlu.utils.jsonfile import read_json
 
 QUANT_METHOD = "torchao"
+INT8_ACTIVATIONS_FIELD = "int8_activations"  # a danlu key of config.json (see reads_int8_activations)
 WEIGHTS_FILE = "model.safetensors"
 INT8_TENSOR = "Int8Tensor"
 INTX_TENSOR = "IntxUnpackedToInt8Tensor"
@@ -86,7 +87,8 @@ StateDict = dict[str, Union[torch.Tensor, QuantizedWeight]]
 # ---------------------------------------------------------------- writing
 
 def save_torchao_checkpoint(state: StateDict, config: ModelConfig, out_dir: Path, dtype: torch.dtype,
-                            tokenizer=None, generation_config: Optional[dict] = None) -> Path:
+                            tokenizer=None, generation_config: Optional[dict] = None,
+                            extra_config: Optional[dict] = None) -> Path:
     """Write `state` (danlu's names; QuantizedWeight for the quantized linears, tensors for the rest, cast to
     `dtype`) as transformers' torchao checkpoint: config.json with quantization_config, one model.safetensors
     (transformers' own shard size is 50 GB), generation_config.json and the tokenizer.
@@ -103,7 +105,8 @@ def save_torchao_checkpoint(state: StateDict, config: ModelConfig, out_dir: Path
     quantized = {hf_tensor_name(name, architecture): w for name, w in state.items() if isinstance(w, QuantizedWeight)}
     quant_type = torchao_quant_type(quantized)
     hf_config = {**config_to_hf(config, dtype),
-                 "quantization_config": quantization_config_dict(quant_type, head_quantized=HEAD in quantized)}
+                 "quantization_config": quantization_config_dict(quant_type, head_quantized=HEAD in quantized),
+                 **(extra_config or {})}
     tensors, metadata = flatten_for_torchao(state, config, dtype)
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as tmp:
@@ -113,6 +116,16 @@ def save_torchao_checkpoint(state: StateDict, config: ModelConfig, out_dir: Path
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
     return out_dir
+
+
+def reads_int8_activations(directory: Path) -> bool:
+    """Whether config.json asks danlu to quantize activations too (`danlu quantize --int8-activations`: the weights
+    were smoothed for it; transformers ignores the key and computes weight-only on the same weights)."""
+    path = Path(directory) / "config.json"
+    value = read_json(path, CheckpointError).get(INT8_ACTIVATIONS_FIELD, False)
+    if not isinstance(value, bool):
+        raise CheckpointError(f"{path}: {INT8_ACTIVATIONS_FIELD!r} must be true or false, got {value!r}")
+    return value
 
 
 def _require_torchao() -> None:

@@ -27,6 +27,17 @@ def add_parser(sub, name):
     parser.add_argument("--head", choices=HEAD_CHOICES, default="int8",
                         help="the output head: int8 per row (default, as llama.cpp's 4-bit files), int4 like "
                              "the body, or float (unquantized)")
+    parser.add_argument("--int8-activations", "--int8_activations", dest="int8_activations", action="store_true",
+                        help="int8 only: smooth the model first (SmoothQuant, calibrated on --calibration) and have "
+                             "danlu quantize activations to int8 too (W8A8: faster for batches and prefills); "
+                             "transformers loads the same file as weight-only")
+    parser.add_argument("--calibration", metavar="FILE", default=None,
+                        help="with --int8-activations: text to calibrate on (.txt lines, or .jsonl 'text' fields), "
+                             "each text a user turn of the model's chat template when it has one; 4,096 tokens "
+                             "are used")
+    parser.add_argument("--alpha", default="auto",
+                        help="with --int8-activations: SmoothQuant's migration strength, 0..1, or auto (chosen per "
+                             "group of layers; default)")
     parser.add_argument("--output", required=True, metavar="DIR")
     parser.add_argument("--force", action="store_true", help="replace DIR if it exists")
     parser.set_defaults(run=run)
@@ -35,18 +46,60 @@ def add_parser(sub, name):
 def run(args) -> int:
     import torch
 
+    from pathlib import Path
+
     from danlu.checkpoints.load import load_pretrained
-    from danlu.checkpoints.torchao import save_torchao_checkpoint
+    from danlu.checkpoints.torchao import INT8_ACTIVATIONS_FIELD, save_torchao_checkpoint
+    from danlu.quantization.smooth import activation_statistics, calibration_batches, calibration_ids, smooth
+    from danlu.vocab.text_files import read_corpus
     from danlu.low_rank.checkpoint import refuse_factorized
     from danlu.quantization.transform import check_method, quantize, quantized_state_dict
     from danlu.utils.atomic import check_output_directory
 
     check_method(args.method, args.group_size)
+    alpha = check_smoothing_options(args)
     out = check_output_directory(args.output, "--output", force=args.force)
     lm = load_pretrained(args.model, dtype="float32", device="cpu", show_progress=True)
     refuse_factorized(lm.model, "danlu quantize")
+    if args.int8_activations:
+        if lm.tokenizer is None:
+            raise ValueError(f"{lm.source} has no tokenizer to read --calibration with")
+        texts = read_corpus(Path(args.calibration))
+        ids = calibration_ids(lm.tokenizer, texts)
+        maxima, samples = activation_statistics(lm.model, calibration_batches(ids))
+        chosen = smooth(lm.model, maxima, alpha, samples)
+        print(f"smoothed {len(chosen)} groups of layers on {len(ids)} calibration tokens")
     replaced = quantize(lm.model, args.method, args.group_size, symmetric=args.symmetric, head=args.head)
     save_torchao_checkpoint(quantized_state_dict(lm.model), lm.config, out, torch.float32,
-                            lm.tokenizer, dict(lm.generation_defaults))
-    print(f"quantized {len(replaced)} linear layers to {args.method}; wrote {out}")
+                            lm.tokenizer, dict(lm.generation_defaults),
+                            extra_config={INT8_ACTIVATIONS_FIELD: True} if args.int8_activations else None)
+    print(f"quantized {len(replaced)} linear layers to {args.method}"
+          f"{' (int8 activations in danlu)' if args.int8_activations else ''}; wrote {out}")
     return 0
+
+
+def check_smoothing_options(args):
+    from pathlib import Path
+
+    """--alpha as a number or "auto"; the smoothing options only with --int8-activations, which needs int8 and a
+    --calibration file."""
+    if not args.int8_activations:
+        if args.calibration is not None or args.alpha != "auto":
+            raise ValueError("--calibration and --alpha go with --int8-activations")
+        return None
+    if args.method != "int8":
+        raise ValueError("--int8-activations: int8 activations multiply int8 weights; use --method int8")
+    if args.calibration is None:
+        raise ValueError("--int8-activations needs --calibration FILE: text like the model's inputs, to measure "
+                         "the activations' ranges on")
+    if not Path(args.calibration).is_file():
+        raise ValueError(f"--calibration {args.calibration}: no such file (a .txt file, or .jsonl with 'text')")
+    if args.alpha == "auto":
+        return "auto"
+    try:
+        alpha = float(args.alpha)
+    except ValueError:
+        alpha = -1.0
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"--alpha must be a number in [0, 1] or auto, got {args.alpha!r}")
+    return alpha

@@ -2,6 +2,8 @@
 `danlu quantize` written for transformers and read back, and on the real model: agreement with float32."""
 from contextlib import nullcontext
 
+import json
+
 import pytest
 import torch
 
@@ -109,10 +111,37 @@ def test_quantize_cli_writes_what_transformers_and_danlu_load(tmp_path, capsys, 
         assert torch.allclose(dequantized(ids), transformers_logits, atol=1e-4)
 
 
+def test_int8_activations_smooth_the_file_that_danlu_loads_as_w8a8_and_transformers_as_weight_only(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    hf, src = family_dir(tmp_path, "llama", tie_word_embeddings=True)
+    calibration = tmp_path / "calibration.txt"
+    calibration.write_text("\n".join(f"line {i}: the quick brown fox jumps over the lazy dog" for i in range(40)))
+    out = tmp_path / "w8a8"
+    code, text = run(capsys, "quantize", str(src), "--method", "int8", "--int8-activations", "--calibration",
+                     str(calibration), "--output", str(out))
+    assert code == 0 and "smoothed 8 groups of layers" in text and "int8 activations" in text, text
+    assert json.loads((out / "config.json").read_text())["int8_activations"] is True
+    ours = load_pretrained(out)
+    assert all(layer.int8_activations for layer in quantized_layers(ours.model).values())
+    theirs = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    ids = torch.randint(0, 265, (2, 8))
+    with torch.no_grad():
+        original, transformers_logits, w8a8 = hf(ids).logits, theirs(ids).logits, ours.model(ids)
+    # the smoothed weights compute the original function: transformers' weight-only result is int8-close to it
+    assert ((transformers_logits - original).norm() / original.norm()).item() < 0.02
+    assert ((w8a8 - original).norm() / original.norm()).item() < 0.05
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--method", "int3"], "invalid choice"),
     (["--method", "int8", "--group-size", "32"], "per output row"),
     (["--method", "int4", "--group-size", "48"], "group size"),
+    (["--method", "int4", "--group-size", "32", "--int8-activations", "--calibration", "c.txt"], "use --method int8"),
+    (["--method", "int8", "--int8-activations"], "needs --calibration"),
+    (["--method", "int8", "--calibration", "c.txt"], "go with --int8-activations"),
+    (["--method", "int8", "--int8-activations", "--calibration", "README.md", "--alpha", "2"], "--alpha must be"),
+    (["--method", "int8", "--int8-activations", "--calibration", "missing.txt"], "--calibration missing.txt: no such"),
 ])
 def test_quantize_cli_refuses_bad_settings_and_writes_nothing(tmp_path, capsys, argv, message):
     _, src = family_dir(tmp_path, "llama")
