@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from danlu.generation.kv_cache import kv_values_per_token
 from danlu.low_rank.checkpoint import install_low_rank, read_low_rank
 from danlu.models.config import ModelConfig
 from danlu.models.transformer import build_meta_model, count_parameters
@@ -26,7 +27,7 @@ def describe(config: ModelConfig, low_rank: Optional[dict[str, int]] = None) -> 
     total = count_parameters(model)
     embedding = config.vocab_size * config.hidden_size
     per_layer = count_parameters(model.model.layers[0])
-    kv_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
+    kv_per_token = kv_values_per_token(config)
     return {
         "name": config.name,
         "config": config.to_dict(),

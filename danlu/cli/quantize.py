@@ -4,6 +4,8 @@ weight-only quantization (danlu.quantization), written as the torchao checkpoint
 (`AutoModelForCausalLM.from_pretrained(DIR)` with torchao installed) and danlu computes on directly."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from danlu.cli.common import add_model_argument
 from danlu.quantization.transform import HEAD_CHOICES, METHODS
 
@@ -46,15 +48,13 @@ def add_parser(sub, name):
 def run(args) -> int:
     import torch
 
-    from pathlib import Path
-
     from danlu.checkpoints.load import load_pretrained
     from danlu.checkpoints.torchao import INT8_ACTIVATIONS_FIELD, save_torchao_checkpoint
-    from danlu.quantization.smooth import activation_statistics, calibration_batches, calibration_ids, smooth
-    from danlu.vocab.text_files import read_corpus
     from danlu.low_rank.checkpoint import refuse_factorized
+    from danlu.quantization.smooth import activation_statistics, calibration_batches, calibration_ids, smooth
     from danlu.quantization.transform import check_method, quantize, quantized_state_dict
     from danlu.utils.atomic import check_output_directory
+    from danlu.vocab.text_files import read_corpus
 
     check_method(args.method, args.group_size)
     alpha = check_smoothing_options(args)
@@ -79,8 +79,6 @@ def run(args) -> int:
 
 
 def check_smoothing_options(args):
-    from pathlib import Path
-
     """--alpha as a number or "auto"; the smoothing options only with --int8-activations, which needs int8 and a
     --calibration file."""
     if not args.int8_activations:

@@ -13,7 +13,7 @@ import torch
 
 from danlu.generation.decoders import make_decoder
 from danlu.generation.sampling import GenerationConfig
-from danlu.generation.sequence import SequenceState, TokenChoice
+from danlu.generation.sequence import SequenceState
 from danlu.generation.text import find_stop
 
 
@@ -73,17 +73,17 @@ def decode_steps(model, prompts: Sequence[Sequence[int]], config: GenerationConf
     with torch.inference_mode():
         logits = decoder.prefill()
         while True:
-            tokens = torch.tensor([states[row].choose(row_logits).token for row, row_logits in zip(rows, logits)],
-                                  device=device)
+            choices = [states[row].choose(row_logits) for row, row_logits in zip(rows, logits)]
+            tokens = torch.tensor([choice.token for choice in choices], device=device)
             token_logprobs = [None] * len(rows)
             if logprobs:
                 token_logprobs = sampled_token_logprobs(logits, tokens, config.temperature).tolist()
             steps, keep = [], []
-            for j, (row, token) in enumerate(zip(rows, tokens.tolist())):
-                text, reason = states[row].accept(TokenChoice(token))
+            for j, (row, choice) in enumerate(zip(rows, choices)):
+                text, reason = states[row].accept(choice)
                 if reason is not None:
                     text += states[row].flush()  # what was held back as a possible stop string is final now
-                steps.append(Step(row, token, reason, token_logprobs[j], text))
+                steps.append(Step(row, choice.token, reason, token_logprobs[j], text))
                 if reason is None:
                     keep.append(j)
             yield steps

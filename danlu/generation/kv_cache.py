@@ -6,6 +6,11 @@ import torch
 from danlu.models.config import ModelConfig
 
 
+def kv_values_per_token(config: ModelConfig) -> int:
+    """Numbers a KV cache holds per token: a key and a value per layer, per key/value head, of head_dim each."""
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
+
+
 def layer_buffers(config: ModelConfig, batch_size: int, capacity: int, dtype: torch.dtype, device,
                   make=torch.empty) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Keys and values, one [batch, kv_heads, capacity, head_dim] tensor per layer each, made by `make`."""

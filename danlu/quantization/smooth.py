@@ -21,9 +21,10 @@ import torch
 from torch import nn
 
 ALPHA_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+CALIBRATION_TOKENS = 4096
 
 
-def calibration_ids(tokenizer, texts: Sequence[str], tokens: int = 4096) -> list[int]:
+def calibration_ids(tokenizer, texts: Sequence[str], tokens: int = CALIBRATION_TOKENS) -> list[int]:
     """`tokens` calibration tokens from `texts`: each text as a user turn of the model's chat template when it has
     one (a chat model's inputs carry the template's control tokens, whose activations are among the largest: plain
     text misses them, and a model smoothed on it answers chat prompts badly once quantized), else the texts
@@ -40,9 +41,9 @@ def calibration_ids(tokenizer, texts: Sequence[str], tokens: int = 4096) -> list
     return ids[:tokens]
 
 
-def calibration_batches(ids: Sequence[int], length: int = 512, tokens: int = 4096) -> list[list[list[int]]]:
-    """Up to `tokens` calibration tokens as one-row batches of `length` (the last, shorter piece dropped)."""
-    ids = list(ids)[:tokens]
+def calibration_batches(ids: Sequence[int], length: int = 512) -> list[list[list[int]]]:
+    """Calibration tokens as one-row batches of `length` (the last, shorter piece dropped)."""
+    ids = list(ids)
     batches = [[ids[start:start + length]] for start in range(0, len(ids) - length + 1, length)]
     if not batches:
         raise ValueError(f"the calibration text has {len(ids)} tokens; at least {length} are needed")
@@ -109,11 +110,14 @@ def smooth(model: nn.Module, maxima: dict[str, torch.Tensor], alpha: Union[float
 
     def choose(name: str, weights: list[torch.Tensor], activation_max: torch.Tensor, weight_max=None, expand=None):
         expand = expand or (lambda scales: scales)
-        candidates = ALPHA_GRID if alpha == "auto" else (alpha,)
+        if alpha != "auto":
+            chosen[name] = alpha
+            return smoothing_scales(activation_max, weights, alpha, weight_max)
+        exact = [samples[name] @ w.float().t() for w in weights]  # what every candidate is measured against
         best = None
-        for candidate in candidates:
+        for candidate in ALPHA_GRID:
             scales = smoothing_scales(activation_max, weights, candidate, weight_max)
-            error = 0.0 if len(candidates) == 1 else _int8_error(samples[name], weights, expand(scales))
+            error = _int8_error(samples[name], weights, exact, expand(scales))
             if best is None or error < best[0]:
                 best = (error, candidate, scales)
         chosen[name] = best[1]
@@ -144,11 +148,12 @@ def smooth(model: nn.Module, maxima: dict[str, torch.Tensor], alpha: Union[float
     return chosen
 
 
-def _int8_error(sample: torch.Tensor, weights: list[torch.Tensor], scales: torch.Tensor) -> float:
-    """How far int8 rows of sample / scales times int8 rows of weight * scales land from the float product."""
+def _int8_error(sample: torch.Tensor, weights: list[torch.Tensor], exact: list[torch.Tensor],
+                scales: torch.Tensor) -> float:
+    """How far int8 rows of sample / scales times int8 rows of weight * scales land from the float products."""
     x = _int8_rows(sample / scales)
-    return sum(float((x @ _int8_rows(w.float() * scales).t() - sample @ w.float().t()).pow(2).sum())
-               for w in weights)
+    return sum(float((x @ _int8_rows(w.float() * scales).t() - product).pow(2).sum())
+               for w, product in zip(weights, exact))
 
 
 def _int8_rows(t: torch.Tensor) -> torch.Tensor:

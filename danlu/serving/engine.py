@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from danlu.generation.kv_cache import kv_values_per_token
 from danlu.generation.sampling import GenerationConfig
 from danlu.generation.sequence import SequenceState, TokenChoice
 from danlu.serving.metrics import Metrics
@@ -68,9 +69,7 @@ def prefix_cache_for(model, mib: float, block_size: int = 16) -> Optional[Prefix
     """A prefix cache of at most `mib` MiB for the model's keys and values (None for 0: no prefix caching)."""
     if mib < 0:
         raise ValueError(f"the prefix cache size must be 0 (off) or more MiB, got {mib}")
-    config, parameter = model.config, next(model.parameters())
-    block_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * block_size * \
-        parameter.element_size()
+    block_bytes = kv_values_per_token(model.config) * block_size * next(model.parameters()).element_size()
     blocks = int(mib * 2**20 // block_bytes)
     return PrefixCache(block_size, blocks) if blocks else None
 

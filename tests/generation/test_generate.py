@@ -145,6 +145,13 @@ def test_a_seeded_answer_is_the_same_whatever_batch_it_is_decoded_in(tiny):
                                                          eos_ids=[])) == LetterTokenizer().decode(together[0])
 
 
+def test_prompt_indices_give_each_prompt_its_seed_and_must_match_the_prompts(tiny):
+    second_alone = generate(tiny, LetterTokenizer(), [PROMPTS[1]], SAMPLED, eos_ids=[], prompt_indices=[1])[0]
+    assert second_alone.token_ids == generate(tiny, LetterTokenizer(), PROMPTS, SAMPLED, eos_ids=[])[1].token_ids
+    with pytest.raises(ValueError, match="2 prompt_indices for 3 prompts"):
+        generate(tiny, LetterTokenizer(), PROMPTS, SAMPLED, eos_ids=[], prompt_indices=[0, 1])
+
+
 def test_the_ith_prompt_samples_as_the_servers_ith_choice(tiny):
     from fastapi.testclient import TestClient
 

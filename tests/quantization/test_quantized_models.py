@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from danlu.checkpoints.errors import CheckpointError
 from danlu.checkpoints.load import load_pretrained
 from danlu.cli.convert import convert
 from danlu.cli.main import main
@@ -131,6 +132,16 @@ def test_int8_activations_smooth_the_file_that_danlu_loads_as_w8a8_and_transform
     # the smoothed weights compute the original function: transformers' weight-only result is int8-close to it
     assert ((transformers_logits - original).norm() / original.norm()).item() < 0.02
     assert ((w8a8 - original).norm() / original.norm()).item() < 0.05
+
+
+def test_an_int8_activations_field_that_is_not_true_or_false_is_named(tmp_path, capsys):
+    _, src = family_dir(tmp_path, "llama")
+    out = tmp_path / "quantized"
+    assert run(capsys, "quantize", str(src), "--method", "int8", "--output", str(out))[0] == 0
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "int8_activations": "yes"}))
+    with pytest.raises(CheckpointError, match="config.json: 'int8_activations' must be true or false, got 'yes'"):
+        load_pretrained(out)
 
 
 @pytest.mark.parametrize("argv,message", [
