@@ -3,6 +3,9 @@ generate, chat and the server) beside one batched `next_tokens` call over the sa
 
     python bench/bench_sampling.py [--rows 8] [--vocab 49152] [--repeats 200]
 
+The last line compares top-p over the whole sorted vocabulary (transformers' warpers in turn) with top-p over
+top-k's survivors (what next_tokens does when both are set; the same tokens are kept).
+
 The step's model forward is not included: compare the figures with a decode step of the model (SmolLM2-135M at
 batch 8 on this CPU: ~90-110 ms, BENCHMARKS.md).
 """
@@ -13,7 +16,8 @@ import time
 
 import torch
 
-from danlu.generation.sampling import GenerationConfig, next_tokens
+from danlu.generation.sampling import (GenerationConfig, filter_top_k, filter_top_k_top_p, filter_top_p,
+                                       next_tokens)
 from danlu.generation.sequence import SequenceState
 
 SETTINGS = {"greedy": GenerationConfig(temperature=0),
@@ -46,6 +50,11 @@ def main() -> None:
         per_row = per_step_us(lambda: [state.choose(row) for state, row in zip(states, logits)], args.repeats)
         print(f"{name:38s} {args.rows} rows: batched {batched:7.0f} us/step, per row {per_row:7.0f} us/step "
               f"({per_row / batched:.2f}x, +{(per_row - batched) / 1000:.2f} ms)")
+    scaled = logits / 0.7
+    whole = per_step_us(lambda: filter_top_p(filter_top_k(scaled, 50), 0.9), args.repeats)
+    survivors = per_step_us(lambda: filter_top_k_top_p(scaled, 50, 0.9), args.repeats)
+    print(f"top-k 50 then top-p 0.9, {args.rows} rows: the whole vocabulary sorted {whole:7.0f} us/step, "
+          f"only the 50 survivors {survivors:7.0f} us/step ({whole / survivors:.1f}x)")
 
 
 if __name__ == "__main__":

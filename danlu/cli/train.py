@@ -12,9 +12,9 @@ def add_parser(sub, name):
 
 
 def run(args) -> int:
+    from danlu.distributed.parameter_server import worker_process
     from danlu.training.arguments import parse_train_arguments
     from danlu.training.topology import Topology
-    from danlu.training.train import train
 
     if not args.argv or args.argv[0] in ("-h", "--help"):
         from danlu.training.arguments import TrainArguments
@@ -26,9 +26,16 @@ def run(args) -> int:
             print(f"  --{f.name} (default: {default})")
         return 0
     train_args = parse_train_arguments(args.argv)
+    topology = Topology.from_environment()
+    if topology.rank > 0 and train_args.parallel_layout(topology.world_size).ps:
+        code = worker_process.fork_worker(topology.rank, train_args.ps_worker_timeout)
+        if code is not None:  # the parent: the worker (its child) has ended
+            return code
     check_before_loading(train_args)
+    from danlu.training.train import train
+
     result = train_telling_a_lost_process(train, train_args)
-    if not Topology.from_environment().is_main:  # under torchrun the main rank speaks for the run
+    if not topology.is_main:  # under torchrun the main rank speaks for the run
         return 0
     if result.state.global_step == 0:
         raise ValueError(f"no optimizer step was taken (num_train_epochs {train_args.num_train_epochs}, max_steps "

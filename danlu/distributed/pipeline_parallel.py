@@ -25,7 +25,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 from torch.distributed.tensor import DTensor
 
 from danlu.data.supervised import IGNORE_INDEX
@@ -35,7 +34,14 @@ from danlu.models.transformer import Transformer
 from danlu.training.losses import labelled_tokens, summed_causal_lm_loss
 from danlu.training.stage import StepOutput
 
-SCHEDULES = dict(zip(PIPELINE_SCHEDULES, (Schedule1F1B, ScheduleGPipe)))
+
+
+def schedule_class(name: str) -> type:
+    """torch's schedule class for a PIPELINE_SCHEDULES name. torch.distributed.pipelining is imported here rather
+    than with this module: it pulls in torch._dynamo, half a second that every run without a pipeline would pay."""
+    from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe
+
+    return dict(zip(PIPELINE_SCHEDULES, (Schedule1F1B, ScheduleGPipe)))[name]
 
 
 @dataclass(frozen=True)
@@ -82,8 +88,9 @@ class Pipeline:
     """This rank's stage of the pipeline and the schedule that runs an optimizer step's micro-batches."""
 
     def __init__(self, stage_module: nn.Module, mesh: DeviceMesh, settings: PipelineSettings, device: torch.device):
-        if settings.schedule not in SCHEDULES:
-            raise ValueError(f"pipeline_schedule must be one of {', '.join(SCHEDULES)}, got {settings.schedule!r}")
+        if settings.schedule not in PIPELINE_SCHEDULES:
+            raise ValueError(f"pipeline_schedule must be one of {', '.join(PIPELINE_SCHEDULES)}, "
+                             f"got {settings.schedule!r}")
         pp = mesh["pp"]
         self.module, self.config = stage_module, stage_module.config
         self.rank, self.size, self.group = pp.get_local_rank(), pp.size(), pp.get_group()
@@ -93,10 +100,12 @@ class Pipeline:
         self.sequence_length, self.pad_id = settings.sequence_length, settings.pad_id
         # Static shapes (every micro-batch padded to rows x sequence_length): no inference pass at the first step
         inputs, outputs = self._activation_shapes(device)
+        from torch.distributed.pipelining import PipelineStage
+
         self.stage = PipelineStage(stage_module, self.rank, self.size, device, input_args=inputs,
                                    output_args=outputs, input_grads=None if self.first else inputs,
                                    output_grads=None if self.last else outputs, group=self.group)
-        self.schedule = SCHEDULES[settings.schedule](self.stage, self.micro_batches, loss_fn=self._loss,
+        self.schedule = schedule_class(settings.schedule)(self.stage, self.micro_batches, loss_fn=self._loss,
                                                      scale_grads=False)
         self.tied = self.config.tie_word_embeddings and self.size > 1
         self.tied_group = tied_embedding_group(mesh) if self.tied else None

@@ -88,6 +88,21 @@ def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
 
 
+def filter_top_k_top_p(logits: torch.Tensor, k: int, p: float) -> torch.Tensor:
+    """filter_top_p(filter_top_k(logits, k), p), sorting only the k survivors instead of the whole vocabulary (the
+    tokens top-k removed have probability 0 and do not move top-p's cumulative sum). A tie at the k-th value keeps
+    more than k tokens in filter_top_k; such logits take the general path."""
+    k = min(k, logits.shape[-1])
+    values, indices = torch.topk(logits, k, dim=-1)  # descending
+    if bool(((logits >= values[..., -1:]).sum(dim=-1) != k).any()):
+        return filter_top_p(filter_top_k(logits, k), p)
+    cumulative = values.flip(-1).softmax(dim=-1).cumsum(dim=-1)  # ascending, as filter_top_p sums
+    remove = cumulative <= (1 - p)
+    remove[..., -1] = False  # always keep the most likely token
+    keep = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, indices, ~remove.flip(-1))
+    return logits.masked_fill(~keep, float("-inf"))
+
+
 def next_tokens(logits: torch.Tensor, config: GenerationConfig, seen: Optional[torch.Tensor],
                 generator: Optional[torch.Generator]) -> torch.Tensor:
     """Pick one token per row from logits [batch, vocab]."""
@@ -97,9 +112,21 @@ def next_tokens(logits: torch.Tensor, config: GenerationConfig, seen: Optional[t
     if config.greedy:
         return logits.argmax(dim=-1)
     logits = logits / config.temperature
-    if config.top_k:
+    if config.top_k and config.top_p < 1.0:
+        logits = filter_top_k_top_p(logits, config.top_k, config.top_p)
+    elif config.top_k:
         logits = filter_top_k(logits, config.top_k)
-    if config.top_p < 1.0:
+    elif config.top_p < 1.0:
         logits = filter_top_p(logits, config.top_p)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return draw(logits.softmax(dim=-1), generator)
+
+
+def draw(probs: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """One token per row of probs [batch, vocab], by inverse CDF: one uniform number per row, the first token whose
+    cumulative probability reaches it (tokens of probability 0 are never drawn). torch.multinomial draws the same
+    distribution from one random number per vocabulary entry, 12 ms a batch-8 step here against 0.1 ms."""
+    cumulative = probs.cumsum(dim=-1)
+    uniform = torch.rand(probs.shape[:-1] + (1,), generator=generator, device=probs.device, dtype=probs.dtype)
+    # a target in (0, total]: the first token whose cumulative sum reaches it always exists and has probability > 0
+    target = (1 - uniform) * cumulative[..., -1:]
+    return torch.searchsorted(cumulative, target).squeeze(-1)

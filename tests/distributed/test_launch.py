@@ -84,20 +84,29 @@ class Launched:
         return code, self.stdout_path.read_text(), self.stderr_path.read_text()
 
 
-def workers(launcher: Launched) -> dict[int, int]:
-    """The worker processes torchrun started, by rank (read from /proc: their parent and RANK)."""
-    found = {}
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (read from /proc)."""
+    found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            if parent != launcher.pid:
-                continue
-            environ = (stat.parent / "environ").read_bytes().split(b"\0")
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
         except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+    return found
+
+
+def workers(launcher: Launched) -> dict[int, int]:
+    """The worker processes torchrun started, by rank (their parent and RANK, read from /proc)."""
+    found = {}
+    for pid in children(launcher.pid):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
             continue  # gone meanwhile
         rank = [entry[5:] for entry in environ if entry.startswith(b"RANK=")]
         if rank:
-            found[int(rank[0])] = int(stat.parent.name)
+            found[int(rank[0])] = pid
     return found
 
 

@@ -3,6 +3,9 @@
 One worker without delay is the one-process run exactly (same logged losses, same weights); two free-running
 workers train, log their staleness, checkpoint and save as any run; bad settings are refused by name."""
 import json
+import os
+import signal
+import time
 
 import pytest
 import torch
@@ -11,7 +14,7 @@ from safetensors.torch import load_file
 from danlu.distributed.layout import LayoutError, resolve_layout
 from danlu.training.arguments import ArgumentError, TrainArguments
 from danlu.training.train import train
-from tests.distributed.test_data_parallel import REPO, logged_losses, settings, torchrun
+from tests.distributed.test_data_parallel import REPO, logged_losses, settings, torchrun, torchrun_command
 
 
 def run_single(model_dir, out, **overrides):
@@ -75,6 +78,31 @@ def test_a_parameter_server_run_resumes_from_its_checkpoint(model_dir, tmp_path)
 def test_bad_parameter_server_settings_are_refused_by_name(model_dir, tmp_path, flags, message):
     with pytest.raises(ArgumentError, match=message):
         TrainArguments(**settings(model_dir, tmp_path, **flags))
+
+
+def test_a_worker_killed_under_torchrun_leaves_the_server_and_the_other_worker_to_finish(model_dir, tmp_path):
+    """torchrun stops a whole job when one of its processes fails; a ps worker rank runs its worker as a child, so
+    the worker's SIGKILL ends the rank cleanly and the server goes on without it (the run finishes, exit 0)."""
+    from tests.distributed.test_launch import Launched, children, workers
+
+    out = tmp_path / "ps"
+    values = settings(model_dir, out, parallel="ps=2", ps_update="asgd", max_steps=60, save_steps=10,
+                      ps_worker_timeout=2)
+    launcher = Launched(torchrun_command(values, nproc=3), tmp_path / "torchrun")
+    deadline = time.monotonic() + 90
+    while not (out / "checkpoint-10" / "trainer_state.json").is_file():
+        assert launcher.poll() is None, f"torchrun ended before checkpoint-10:\n{launcher.wait(1)[2][-4000:]}"
+        assert time.monotonic() < deadline, "no checkpoint-10 after 90 s"
+        time.sleep(0.01)
+    rank_2 = workers(launcher)[2]
+    worker_1 = children(rank_2)
+    assert len(worker_1) == 1 and not (out / "model.safetensors").exists(), "the run ended before the kill"
+    os.kill(worker_1[0], signal.SIGKILL)
+    code, _, stderr = launcher.wait(120)
+    assert code == 0, stderr[-4000:]
+    assert "parameter server worker 1 (rank 2" in stderr and "died of SIGKILL" in stderr
+    assert "parameter server: worker 1 not heard from for" in stderr and "going on with the 1 other" in stderr
+    assert len(logged_losses(out)) == 60 and (out / "model.safetensors").is_file()
 
 
 def test_a_parameter_server_layout_needs_its_worker_count_plus_one_processes():

@@ -4,8 +4,8 @@ import torch
 from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TopKLogitsWarper,
                                                     TopPLogitsWarper)
 
-from danlu.generation.sampling import (GenerationConfig, apply_repetition_penalty, filter_top_k, filter_top_p,
-                                       next_tokens)
+from danlu.generation.sampling import (GenerationConfig, apply_repetition_penalty, draw, filter_top_k,
+                                       filter_top_k_top_p, filter_top_p, next_tokens)
 
 LOGITS = torch.randn(3, 50, generator=torch.Generator().manual_seed(0)) * 3
 
@@ -17,6 +17,31 @@ def test_top_k_matches_transformers():
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9, 0.99])
 def test_top_p_matches_transformers(p):
     assert torch.equal(filter_top_p(LOGITS, p), TopPLogitsWarper(p)(None, LOGITS.clone()))
+
+
+@pytest.mark.parametrize("k, p", [(1, 0.9), (7, 0.5), (50, 0.9), (1000, 0.95), (40, 1e-6)])
+def test_top_k_then_top_p_on_the_survivors_matches_transformers_warpers_in_turn(k, p):
+    logits = torch.randn(8, 4096, generator=torch.Generator().manual_seed(k)) * 3
+    expected = TopPLogitsWarper(p)(None, TopKLogitsWarper(k)(None, logits.clone()))
+    assert torch.equal(filter_top_k_top_p(logits, k, p), expected)
+
+
+def test_a_tie_at_the_kth_value_keeps_every_tied_token_as_transformers_does():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 2.0, 2.0, 1.0], [5.0, 1.0, 0.0, -1.0, -2.0, -3.0]])
+    expected = TopPLogitsWarper(0.99)(None, TopKLogitsWarper(3)(None, logits.clone()))
+    assert torch.isfinite(expected[0]).sum() == 5
+    assert torch.equal(filter_top_k_top_p(logits, 3, 0.99), expected)
+
+
+def test_the_inverse_cdf_draw_follows_the_distribution_and_never_draws_a_zero():
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.2, 0.3, 0.0])
+    generator = torch.Generator().manual_seed(0)
+    tokens = draw(probs.expand(40_000, -1), generator)
+    frequencies = torch.bincount(tokens, minlength=6) / 40_000
+    assert frequencies[[0, 2, 5]].sum() == 0
+    torch.testing.assert_close(frequencies, probs, atol=0.01, rtol=0)  # 3 standard errors ~0.0075
+    unnormalised = torch.tensor([[0.0, 2.0, 0.0], [1e-30, 0.0, 0.0]])  # a sum that is not 1; a lone tiny entry
+    assert draw(unnormalised, generator).tolist() == [1, 0]
 
 
 def test_repetition_penalty_matches_transformers():
