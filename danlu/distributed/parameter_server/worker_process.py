@@ -8,7 +8,7 @@ sent through the parent (SIGKILL, the out-of-memory killer) is reported and the 
 sees nothing wrong, and the server, no longer hearing from that worker, takes it as lost after
 `--ps_worker_timeout` and goes on with the others. A child that exits with an error code (its step raised: the
 server was told at once) passes that code on, and signals sent to the parent (torchrun stopping the job) are
-passed to the child. The fork comes before the model loads and before any process group or thread is started.
+passed to the child. The fork comes before the model, the data or any process group is loaded or set up.
 """
 from __future__ import annotations
 
