@@ -35,7 +35,6 @@ from danlu.training.losses import labelled_tokens, summed_causal_lm_loss
 from danlu.training.stage import StepOutput
 
 
-
 def schedule_class(name: str) -> type:
     """torch's schedule class for a PIPELINE_SCHEDULES name. torch.distributed.pipelining is imported here rather
     than with this module: it pulls in torch._dynamo, half a second that every run without a pipeline would pay."""
@@ -106,7 +105,7 @@ class Pipeline:
                                    output_args=outputs, input_grads=None if self.first else inputs,
                                    output_grads=None if self.last else outputs, group=self.group)
         self.schedule = schedule_class(settings.schedule)(self.stage, self.micro_batches, loss_fn=self._loss,
-                                                     scale_grads=False)
+                                                          scale_grads=False)
         self.tied = self.config.tie_word_embeddings and self.size > 1
         self.tied_group = tied_embedding_group(mesh) if self.tied else None
         self._scales: deque[float] = deque()

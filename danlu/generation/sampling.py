@@ -126,7 +126,11 @@ def draw(probs: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Ten
     cumulative probability reaches it (tokens of probability 0 are never drawn). torch.multinomial draws the same
     distribution from one random number per vocabulary entry, 12 ms a batch-8 step here against 0.1 ms."""
     cumulative = probs.cumsum(dim=-1)
+    total = cumulative[..., -1]
+    if not bool((torch.isfinite(total) & (total > 0)).all()):  # torch.multinomial refused these too
+        raise ValueError("the next-token probabilities are not finite (NaN or inf logits: a diverged or overflowed "
+                         "model, e.g. float16 without enough range)")
     uniform = torch.rand(probs.shape[:-1] + (1,), generator=generator, device=probs.device, dtype=probs.dtype)
     # a target in (0, total]: the first token whose cumulative sum reaches it always exists and has probability > 0
-    target = (1 - uniform) * cumulative[..., -1:]
+    target = (1 - uniform) * total[..., None]
     return torch.searchsorted(cumulative, target).squeeze(-1)

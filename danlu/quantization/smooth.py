@@ -104,9 +104,13 @@ def smooth(model: nn.Module, maxima: dict[str, torch.Tensor], alpha: Union[float
     config = model.config
     if not config.causal:
         raise ValueError("smoothing folds scales into the norms before the layers: a pre-norm decoder is needed")
-    kv, group, head_dim = config.num_key_value_heads, config.num_attention_heads // config.num_key_value_heads, \
-        config.head_dim
+    kv, head_dim = config.num_key_value_heads, config.head_dim
+    group = config.num_attention_heads // kv
     chosen = {}
+
+    def per_query_head(compact: torch.Tensor) -> torch.Tensor:
+        """One scale per value channel, repeated for the query heads that share its key/value head."""
+        return compact.view(kv, 1, head_dim).expand(-1, group, -1).reshape(-1)
 
     def choose(name: str, weights: list[torch.Tensor], activation_max: torch.Tensor, weight_max=None, expand=None):
         expand = expand or (lambda scales: scales)
@@ -139,12 +143,11 @@ def smooth(model: nn.Module, maxima: dict[str, torch.Tensor], alpha: Union[float
             _fold(scales, divide_rows=mlp.up_proj, multiply=[mlp.down_proj])
         # o_proj's input channel (query head h, dim d) is value channel (h // group, d): one scale per value channel
         o_columns = attention.o_proj.weight.abs().amax(dim=0).float().view(kv, group, head_dim)
-        expand = (lambda compact: compact.view(kv, 1, head_dim).expand(-1, group, -1).reshape(-1))
         scales = choose(prefix + "self_attn.o_proj", [attention.o_proj.weight],
                         maxima[prefix + "self_attn.o_proj"].view(kv, group, head_dim).amax(dim=1).reshape(-1),
-                        weight_max=o_columns.amax(dim=1).reshape(-1), expand=expand)
+                        weight_max=o_columns.amax(dim=1).reshape(-1), expand=per_query_head)
         _fold(scales, divide_rows=attention.v_proj)
-        attention.o_proj.weight.mul_(expand(scales).to(attention.o_proj.weight.dtype))
+        attention.o_proj.weight.mul_(per_query_head(scales).to(attention.o_proj.weight.dtype))
     return chosen
 
 

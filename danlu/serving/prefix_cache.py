@@ -1,6 +1,7 @@
 """Automatic prefix caching (vLLM's idea): the keys and values of a prompt's leading blocks are kept after its
-prefill (and of its answer's, when it finishes), so a later prompt that begins with the same tokens (the chat template's system prompt, a few-shot preamble,
-the earlier turns of a conversation) copies them into its slot and prefills only the rest.
+prefill (and of its answer's, when it finishes), so a later prompt that begins with the same tokens (the chat
+template's system prompt, a few-shot preamble, the earlier turns of a conversation) copies them into its slot and
+prefills only the rest.
 
 A block is `block_size` tokens. It is found by a digest of everything up to its end (its parent block's digest and
 its own tokens) and of the adapter, so the same tokens after a different beginning, or under another adapter, never

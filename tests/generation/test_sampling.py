@@ -44,6 +44,15 @@ def test_the_inverse_cdf_draw_follows_the_distribution_and_never_draws_a_zero():
     assert draw(unnormalised, generator).tolist() == [1, 0]
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_sampling_from_nan_or_inf_logits_is_refused_not_answered_with_a_token(bad):
+    logits = LOGITS.clone()
+    logits[1, 3] = bad
+    config = GenerationConfig(temperature=0.7, top_k=0, top_p=1.0)
+    with pytest.raises(ValueError, match="next-token probabilities are not finite"):
+        next_tokens(logits, config, None, torch.Generator().manual_seed(0))
+
+
 def test_repetition_penalty_matches_transformers():
     history = torch.tensor([[1, 5, 5, 9], [0, 2, 3, 4], [49, 48, 1, 1]])
     seen = torch.zeros_like(LOGITS, dtype=torch.bool).scatter(1, history, True)
